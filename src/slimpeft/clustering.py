@@ -1,0 +1,157 @@
+"""Sliding clustering and the out-of-domain score d(x) of weight yielding (METHOD.md sections 3-4).
+
+Notation: n tokens, c = ``n_clusters`` centres, i = d_in channels, b sequences, t positions.
+
+Every adapted layer keeps, as buffers (never parameters, never in the optimizer):
+
+* ``centers`` (c, i) and per-channel ``variances`` (c, i) of the training inputs it has seen;
+* ``agg_mean`` / ``agg_var`` (c,): running mean and variance of the in-domain aggregate z-score of cluster k,
+  which calibrate the threshold (a fixed threshold of 1 flags almost every token, METHOD.md);
+* ``pool_mean`` / ``pool_var`` (): the same for the sequence-pooled standardized score, used when routing pools
+  over the sequence (``ood_pooling != "token"``).
+
+In training mode each forward pass assigns every real token to its nearest centre (Euclidean) and moves that
+centre and variance towards the assigned tokens' mean and variance by an EMA with momentum m ("sliding").
+Centres start from tokens of the first training batch. Under ``torch.distributed`` the per-cluster sums and
+counts are all-reduced, and the initial centres broadcast from rank 0, so every rank holds identical clusters.
+In eval mode nothing changes. The score of a forward pass is computed with the statistics *before* that pass's
+update. d carries no gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .config import SlimConfig
+
+_EPS = 1e-6
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if _distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+class SlidingClusters(nn.Module):
+    """EMA clusters over a layer's inputs and the calibrated out-of-domain score computed from them."""
+
+    def __init__(self, d_in: int, config: SlimConfig, seed: int = 0) -> None:
+        super().__init__()
+        c = config.n_clusters
+        self.config = config
+        self.seed = seed
+        self.register_buffer("centers", torch.zeros(c, d_in))
+        self.register_buffer("variances", torch.ones(c, d_in))
+        self.register_buffer("agg_mean", torch.zeros(c))
+        self.register_buffer("agg_var", torch.ones(c))
+        self.register_buffer("pool_mean", torch.zeros(()))
+        self.register_buffer("pool_var", torch.ones(()))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("n_updates", torch.zeros((), dtype=torch.long))
+
+    # ----------------------------------------------------------------- assignment and aggregate
+    @torch.no_grad()
+    def assign(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Nearest centre k (n,) and aggregate per-channel z-score agg (n,) of tokens x (n, i), float32."""
+        c = self.centers
+        # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2; ||x||^2 is constant per row, so it drops out of the argmin.
+        dist2 = (c * c).sum(-1)[None, :] - 2.0 * (x @ c.T)  # (n, c)
+        k = dist2.argmin(-1)  # (n,)
+        z = (x - c[k]).abs() * torch.rsqrt(self.variances[k].clamp_min(_EPS))  # (n, i)
+        agg = z.amax(-1) if self.config.distance == "max" else z.square().mean(-1).sqrt()  # (n,)
+        return k, agg
+
+    def standardize(self, agg: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """u = (agg - mu_k) / sd_k: the aggregate in units of cluster k's in-domain spread, (n,)."""
+        return (agg - self.agg_mean[k]) * torch.rsqrt(self.agg_var[k].clamp_min(_EPS))
+
+    def token_score(self, agg: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Per-token d >= 0 under the configured ``ood_score``, (n,)."""
+        mode, t = self.config.ood_score, self.config.threshold_std
+        if mode == "paper":
+            return (agg - 1.0).clamp_min(0.0)
+        if mode == "calibrated":
+            tau = self.agg_mean[k] + t * self.agg_var[k].clamp_min(0.0).sqrt()
+            return (agg - tau).clamp_min(0.0)
+        return (self.standardize(agg, k) - t).clamp_min(0.0)
+
+    def pooled_score(self, pooled_u: torch.Tensor) -> torch.Tensor:
+        """d >= 0 of a pooled standardized score, in units of its own in-domain spread."""
+        z = (pooled_u - self.pool_mean) * torch.rsqrt(self.pool_var.clamp_min(_EPS))
+        return (z - self.config.threshold_std).clamp_min(0.0)
+
+    # ----------------------------------------------------------------- training-time updates
+    @torch.no_grad()
+    def initialize(self, x: torch.Tensor) -> None:
+        """Centres := c tokens of the first batch (seeded draw), variances := the batch's channel variances."""
+        n, c = x.shape[0], self.centers.shape[0]
+        g = torch.Generator(device="cpu").manual_seed(self.seed)
+        idx = torch.randperm(n, generator=g)[:c] if n >= c else torch.randint(n, (c,), generator=g)
+        self.centers.copy_(x[idx.to(x.device)])
+        self.variances.copy_(x.var(0, unbiased=False).clamp_min(_EPS).expand_as(self.variances))
+        if _distributed():
+            dist.broadcast(self.centers, src=0)
+            dist.broadcast(self.variances, src=0)
+        k, agg = self.assign(x)
+        self._update_agg_stats(agg, k, momentum=0.0)
+        self.initialized.fill_(True)
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor, k: torch.Tensor, agg: torch.Tensor) -> None:
+        """One sliding step from tokens x (n, i) assigned to k (n,) with aggregates agg (n,)."""
+        m = self.config.cluster_momentum
+        c, i = self.centers.shape
+        onehot = torch.zeros(x.shape[0], c, device=x.device, dtype=x.dtype)
+        onehot[torch.arange(x.shape[0], device=x.device), k] = 1.0  # (n, c)
+        # one all-reduce carries counts (c), sums (c, i) and sums of squares (c, i)
+        stats = torch.cat([onehot.sum(0)[:, None], onehot.T @ x, onehot.T @ (x * x)], dim=1)  # (c, 1 + 2i)
+        stats = _all_reduce_sum(stats)
+        count, s1, s2 = stats[:, 0], stats[:, 1 : 1 + i], stats[:, 1 + i :]
+        hit = count > 0
+        mean = s1[hit] / count[hit, None]
+        var = (s2[hit] / count[hit, None] - mean * mean).clamp_min(0.0)
+        self.centers[hit] = m * self.centers[hit] + (1.0 - m) * mean
+        self.variances[hit] = (m * self.variances[hit] + (1.0 - m) * var).clamp_min(_EPS)
+        self._update_agg_stats(agg, k, momentum=m)
+        self.n_updates += 1
+
+    @torch.no_grad()
+    def _update_agg_stats(self, agg: torch.Tensor, k: torch.Tensor, momentum: float) -> None:
+        c = self.centers.shape[0]
+        stats = torch.zeros(3, c, device=agg.device)
+        stats[0].index_add_(0, k, torch.ones_like(agg))
+        stats[1].index_add_(0, k, agg)
+        stats[2].index_add_(0, k, agg * agg)
+        stats = _all_reduce_sum(stats)
+        count, s1, s2 = stats
+        hit = count > 0
+        if momentum == 0.0:  # initialisation: clusters that got no token take the global statistics
+            n = count.sum().clamp_min(1.0)
+            g_mean, g_var = s1.sum() / n, (s2.sum() / n - (s1.sum() / n) ** 2).clamp_min(_EPS)
+            self.agg_mean.fill_(g_mean)
+            self.agg_var.fill_(g_var)
+        mean = s1[hit] / count[hit]
+        var = (s2[hit] / count[hit] - mean * mean).clamp_min(_EPS)
+        self.agg_mean[hit] = momentum * self.agg_mean[hit] + (1.0 - momentum) * mean
+        self.agg_var[hit] = momentum * self.agg_var[hit] + (1.0 - momentum) * var
+
+    @torch.no_grad()
+    def update_pool_stats(self, pooled_u: torch.Tensor, first: bool) -> None:
+        """EMA of the mean/variance of sequence-pooled standardized scores (b,) of in-domain training data."""
+        stats = _all_reduce_sum(
+            torch.stack([torch.tensor(float(pooled_u.numel()), device=pooled_u.device), pooled_u.sum(),
+                         (pooled_u * pooled_u).sum()])
+        )
+        n = stats[0].clamp_min(1.0)
+        mean = stats[1] / n
+        var = (stats[2] / n - mean * mean).clamp_min(_EPS)
+        m = 0.0 if first else self.config.cluster_momentum
+        self.pool_mean.copy_(m * self.pool_mean + (1.0 - m) * mean)
+        self.pool_var.copy_(m * self.pool_var + (1.0 - m) * var)

@@ -1,0 +1,129 @@
+"""The one expert engine: stacked LoRA experts and their vectorised, routed mixing.
+
+Shared by SLIM and the MoE-LoRA baselines (MixLoRA, MixLoRA-Dy, LoRAMoE, MoLA): the math of "a routed,
+weighted sum of low-rank deltas" lives here once.
+
+Notation: n tokens, e LoRA experts, r rank, i = d_in, o = d_out, k routed slots per token, m kept slots, c the
+capacity (largest number of slots routed to one expert).
+
+    delta(x) = s * sum_{slots (e, w) of x, e a LoRA expert} w * B_e A_e x,        s = alpha / r
+
+Expert ids >= e denote identity experts: they contribute a zero delta and cost nothing.
+
+Two dispatch paths with identical math (a test checks them against each other and against a per-token loop):
+
+* ``dense``: every expert's down-projection in one matmul, weights scattered to an (n, e) gate, then one
+  matmul with all B's concatenated -- the cost of a LoRA of rank e*r. Best when most experts are used (LoRAMoE).
+* ``sparse``: the down-projection stays one dense matmul (it is the cheap half, r*e*i per token), but the
+  up-projection runs only for the routed slots: slots are sorted by expert into an (e, c, r) buffer and multiplied
+  with a batched matmul -- the cost of k experts instead of e, with no Python loop over experts or tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import nn
+
+Dispatch = Literal["auto", "sparse", "dense"]
+
+
+class LoraExperts(nn.Module):
+    """``n_experts`` LoRA experts of rank r stacked into A (e, r, i) and B (e, o, r); B = 0 so the delta starts at 0."""
+
+    def __init__(self, n_experts: int, d_in: int, d_out: int, r: int, alpha: float, *,
+                 generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.n_experts, self.d_in, self.d_out, self.r = n_experts, d_in, d_out, r
+        self.scaling = alpha / r
+        # PEFT's LoRA init: kaiming_uniform(a=sqrt(5)) on A == U(-1/sqrt(i), 1/sqrt(i)); B = 0.
+        bound = 1.0 / math.sqrt(d_in)
+        A = (torch.rand(n_experts, r, d_in, generator=generator) * 2.0 - 1.0) * bound
+        self.lora_A = nn.Parameter(A.to(dtype))
+        self.lora_B = nn.Parameter(torch.zeros(n_experts, d_out, r, dtype=dtype))
+
+    def l1_penalty(self) -> torch.Tensor:
+        """sum_e ||B_e||_1 / (r o) + ||A_e||_1 / (r i): the size-normalised L1 of METHOD.md section 8."""
+        return self.lora_B.abs().sum() / (self.r * self.d_out) + self.lora_A.abs().sum() / (self.r * self.d_in)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, *,
+                A: torch.Tensor | None = None, B: torch.Tensor | None = None, delta: torch.Tensor | None = None,
+                dispatch: Dispatch = "auto") -> torch.Tensor:
+        """Routed delta for tokens x (n, i) -> (n, o), in the experts' dtype.
+
+        ``A``/``B`` override the stored weights (masked copies); ``delta`` (e, o, i) replaces B A entirely
+        (exact DARE, the reference path).
+        """
+        A = self.lora_A if A is None else A
+        B = self.lora_B if B is None else B
+        x = x.to(A.dtype)
+        if delta is not None:
+            return self.scaling * _grouped_full(x, delta, weights, indices)
+        if dispatch == "auto":
+            dispatch = "dense" if 2 * indices.shape[-1] > self.n_experts else "sparse"
+        mix = _dense_lowrank if dispatch == "dense" else _sparse_lowrank
+        return self.scaling * mix(x, A, B, weights, indices)
+
+
+def _dense_gate(weights: torch.Tensor, indices: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Scatter per-slot weights into an (n, e) gate; identity slots (id >= e) land in a dropped tail."""
+    n, k = indices.shape
+    width = max(n_experts, int(indices.max()) + 1) if indices.numel() else n_experts
+    gate = weights.new_zeros(n, width).scatter_add(1, indices, weights)  # (n, e + identities)
+    return gate[:, :n_experts]  # (n, e)
+
+
+def _dense_lowrank(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, weights: torch.Tensor,
+                   indices: torch.Tensor) -> torch.Tensor:
+    e, r, i = A.shape
+    n = x.shape[0]
+    h = (x @ A.reshape(e * r, i).T).view(n, e, r)  # (n, e, r): all down-projections in one matmul
+    gate = _dense_gate(weights.to(h.dtype), indices, e)  # (n, e)
+    hw = (h * gate[:, :, None]).reshape(n, e * r)  # (n, e*r)
+    return hw @ B.permute(0, 2, 1).reshape(e * r, -1)  # (n, e*r) @ (e*r, o) -> (n, o)
+
+
+def _slots(weights: torch.Tensor, indices: torch.Tensor, n_experts: int):
+    """Kept (token, expert, weight) slots sorted by expert, with each slot's position in its expert's group."""
+    n, k = indices.shape
+    tok = torch.arange(n, device=indices.device).repeat_interleave(k)  # (n*k,)
+    ex, w = indices.reshape(-1), weights.reshape(-1)
+    keep = (ex < n_experts) & (w != 0)  # identity experts and dropped (top-p) slots cost nothing
+    tok, ex, w = tok[keep], ex[keep], w[keep]  # (m,)
+    order = ex.argsort(stable=True)
+    tok, ex, w = tok[order], ex[order], w[order]
+    counts = torch.bincount(ex, minlength=n_experts)  # (e,)
+    starts = counts.cumsum(0) - counts
+    pos = torch.arange(ex.numel(), device=ex.device) - starts[ex]  # (m,) position inside the expert's group
+    cap = int(counts.max()) if ex.numel() else 0
+    return tok, ex, w, pos, cap
+
+
+def _sparse_lowrank(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, weights: torch.Tensor,
+                    indices: torch.Tensor) -> torch.Tensor:
+    e, r, i = A.shape
+    n, o = x.shape[0], B.shape[1]
+    out = x.new_zeros(n, o)
+    tok, ex, w, pos, cap = _slots(weights, indices, e)
+    if cap == 0:
+        return out + 0.0 * (A.sum() + B.sum())  # keep the graph connected for DDP
+    h = (x @ A.reshape(e * r, i).T).view(n, e, r)  # (n, e, r)
+    hs = h[tok, ex] * w.to(h.dtype)[:, None]  # (m, r) routed down-projections, weighted
+    buf = hs.new_zeros(e, cap, r).index_put((ex, pos), hs)  # (e, c, r)
+    ys = torch.bmm(buf, B.transpose(1, 2))[ex, pos]  # (e, c, o) -> (m, o)
+    return out.index_add(0, tok, ys)  # (n, o)
+
+
+def _grouped_full(x: torch.Tensor, delta: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor
+                  ) -> torch.Tensor:
+    """Routed full-rank deltas (e, o, i): the exact-DARE reference. (n, i) -> (n, o)."""
+    e, o, i = delta.shape
+    out = x.new_zeros(x.shape[0], o)
+    tok, ex, w, pos, cap = _slots(weights, indices, e)
+    if cap == 0:
+        return out + 0.0 * delta.sum()
+    buf = x.new_zeros(e, cap, i).index_put((ex, pos), x[tok])  # (e, c, i)
+    ys = torch.bmm(buf, delta.transpose(1, 2))[ex, pos] * w.to(x.dtype)[:, None]  # (m, o)
+    return out.index_add(0, tok, ys)

@@ -1,0 +1,214 @@
+"""SlimLinear: a frozen linear layer (``nn.Linear`` or GPT-2's ``Conv1D``) with a SLIM mixture of experts.
+
+For every token x (METHOD.md):
+
+    d(x)  = out-of-domain score from the layer's sliding clusters (no gradient)
+    z     = W_r x ;  z'_id = z_id + gamma * d(x)              (weight yielding, identity experts only)
+    w     = softmax over top-K of z'                           (zero elsewhere)
+    y     = W x + b + s * sum_{i in topK, i LoRA} w_i B'_i A'_i x   (B', A': DARE-masked, "dynamic merging")
+
+Forward contract (as PEFT's tuners): adapter disabled -> exactly the base layer; otherwise base + delta, in the
+base output's dtype. Adapter weights and the router are float32 whatever the base dtype.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .clustering import SlidingClusters
+from .config import SlimConfig
+from .experts import LoraExperts
+from .masking import apply_fast_masks, dare_delta, dare_mask, fast_masks
+from .router import route
+
+
+@dataclass
+class RoutingContext:
+    """State shared by all adapted layers of one model during one forward pass."""
+
+    attention_mask: torch.Tensor | None = None  # (b, t_total): marks real tokens; padding is ignored
+    first_score: torch.Tensor | None = None  # (n,) d of the first adapted layer (ood_source == "first")
+    record: bool = False  # routing_stats(): layers append what they routed to their records
+    aux_losses: list[torch.Tensor] = field(default_factory=list)
+
+    def reset(self, attention_mask: torch.Tensor | None) -> None:
+        self.attention_mask = attention_mask
+        self.first_score = None
+        self.aux_losses = []
+
+
+def base_shape(layer: nn.Module) -> tuple[int, int]:
+    """(d_in, d_out) of an nn.Linear or a transformers Conv1D (whose weight is stored transposed, (i, o))."""
+    if isinstance(layer, nn.Linear):
+        return layer.in_features, layer.out_features
+    if type(layer).__name__ == "Conv1D" and hasattr(layer, "nf"):
+        return layer.weight.shape[0], layer.weight.shape[1]
+    raise TypeError(f"cannot adapt {type(layer).__name__}: only nn.Linear and transformers Conv1D are supported")
+
+
+def adapter_tensor_specs(config: SlimConfig, d_in: int, d_out: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """(shape, dtype) of every tensor a SlimLinear saves, by state-dict key (checked before loading)."""
+    e, r, c, f32 = config.n_lora_experts, config.r, config.n_clusters, torch.float32
+    return {
+        "router": ((config.n_experts, d_in), f32),
+        "experts.lora_A": ((e, r, d_in), f32),
+        "experts.lora_B": ((e, d_out, r), f32),
+        "clusters.centers": ((c, d_in), f32),
+        "clusters.variances": ((c, d_in), f32),
+        "clusters.agg_mean": ((c,), f32),
+        "clusters.agg_var": ((c,), f32),
+        "clusters.pool_mean": ((), f32),
+        "clusters.pool_var": ((), f32),
+        "clusters.initialized": ((), torch.bool),
+        "clusters.n_updates": ((), torch.long),
+    }
+
+
+def layer_seed(seed: int, name: str) -> int:
+    """A stable per-layer seed (same across processes and runs) for init and the fixed inference masks."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**31 - 1)
+
+
+class SlimLinear(nn.Module):
+    """A frozen base linear layer plus n_lora LoRA experts, n_identity identity experts and a router."""
+
+    def __init__(self, base_layer: nn.Module, config: SlimConfig, name: str) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.config = config
+        self.name = name
+        self.d_in, self.d_out = base_shape(base_layer)
+        self.mask_seed = layer_seed(config.seed, name)
+        g = torch.Generator().manual_seed(self.mask_seed)
+        self.experts = LoraExperts(config.n_lora_experts, self.d_in, self.d_out, config.r, config.alpha, generator=g)
+        # small random router init: a zero router would let identity experts win the top-K at step 0 on ties
+        self.router = nn.Parameter(torch.randn(config.n_experts, self.d_in, generator=g) * config.router_init_std)
+        self.clusters = SlidingClusters(self.d_in, config, seed=self.mask_seed)
+        self.ctx = RoutingContext()
+        self.disabled = False
+        self.records: list[dict[str, torch.Tensor]] = []
+        self._mask_cache: tuple[tuple, tuple] | None = None
+
+    # ------------------------------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return result
+        cfg = self.config
+        lead = x.shape[:-1]
+        xf = x.reshape(-1, self.d_in)  # (n, i)
+        valid = self._valid_mask(lead)  # (n,) bool or None
+        d = self._ood_score(xf, lead, valid)  # (n,) float32 or None
+        ro = route(xf, self.router, "top_k", top_k=cfg.top_k, d=d, n_lora=cfg.n_lora_experts,
+                   yield_strength=cfg.yield_strength)
+        A, B, delta = self._masked_weights()
+        y = self.experts(xf, ro.weights, ro.indices, A=A, B=B, delta=delta)  # (n, o)
+        if self.ctx.record:
+            self._record(ro.weights, ro.indices, d, valid, lead)
+        return result + y.view(*lead, self.d_out).to(result.dtype)
+
+    def l1_penalty(self) -> torch.Tensor:
+        return self.experts.l1_penalty()
+
+    # ------------------------------------------------------------------------------------------ parts
+    def _valid_mask(self, lead: torch.Size) -> torch.Tensor | None:
+        m = self.ctx.attention_mask
+        if m is None or m.dim() != 2 or len(lead) != 2 or m.shape[0] != lead[0] or m.shape[1] < lead[1]:
+            return None
+        return (m[:, -lead[1]:] > 0).reshape(-1)  # (n,) the last t columns: works with a KV cache too
+
+    @torch.no_grad()
+    def _ood_score(self, xf: torch.Tensor, lead: torch.Size, valid: torch.Tensor | None) -> torch.Tensor | None:
+        cfg, cl, ctx = self.config, self.clusters, self.ctx
+        if cfg.n_identity_experts == 0:  # nothing to yield to: skip the clustering entirely
+            return None
+        if cfg.ood_source == "first" and ctx.first_score is not None and ctx.first_score.shape[0] == xf.shape[0]:
+            return ctx.first_score
+        x = xf.detach().float()
+        xv = x if valid is None else x[valid]
+        just_initialized = False
+        if self.training and not bool(cl.initialized) and xv.shape[0] > 0:
+            cl.initialize(xv)
+            just_initialized = True
+        if not bool(cl.initialized):  # never trained: no evidence of anything being out of domain
+            d = x.new_zeros(x.shape[0])
+        else:
+            k, agg = cl.assign(x)
+            if cfg.ood_pooling == "token":
+                d = cl.token_score(agg, k)
+            else:
+                d = self._pooled_score(agg, k, lead, valid, just_initialized)
+            if self.training and not just_initialized and xv.shape[0] > 0:
+                cl.update(xv, k if valid is None else k[valid], agg if valid is None else agg[valid])
+        if cfg.ood_source == "first" and ctx.first_score is None:
+            ctx.first_score = d
+        return d
+
+    def _pooled_score(self, agg: torch.Tensor, k: torch.Tensor, lead: torch.Size, valid: torch.Tensor | None,
+                      just_initialized: bool) -> torch.Tensor:
+        """d pooled over each sequence ('sequence') or over each prefix ('causal'), broadcast back to tokens."""
+        cfg, cl = self.config, self.clusters
+        b, t = (lead[0], lead[1]) if len(lead) == 2 else (1, agg.shape[0])
+        u = cl.standardize(agg, k) if cfg.ood_score == "standardized" else cl.token_score(agg, k)
+        U = u.view(b, t)
+        V = torch.ones_like(U) if valid is None else valid.view(b, t).to(U.dtype)
+        seq = (U * V).sum(1) / V.sum(1).clamp_min(1.0)  # (b,) mean over real tokens
+        if cfg.ood_score == "standardized" and self.training:
+            if just_initialized:  # the routing-level spread must exist before the first score is taken
+                cl.update_pool_stats(seq, first=True)
+        if cfg.ood_pooling == "sequence":
+            pooled = seq[:, None].expand(b, t)  # (b, t)
+        else:
+            pooled = (U * V).cumsum(1) / V.cumsum(1).clamp_min(1.0)  # (b, t) prefix means
+        d = cl.pooled_score(pooled) if cfg.ood_score == "standardized" else pooled
+        if cfg.ood_score == "standardized" and self.training and not just_initialized:
+            cl.update_pool_stats(seq, first=False)
+        return d.reshape(-1)
+
+    def _masked_weights(self) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """(A', B', delta): fresh masks every training step, one fixed mask per expert in eval (or none)."""
+        cfg, ex = self.config, self.experts
+        if cfg.mask_mode == "none" or cfg.mask_rate == 0.0:
+            return None, None, None
+        A, B = ex.lora_A, ex.lora_B
+        e, dev = ex.n_experts, A.device
+        if self.training:
+            gen = None  # the global RNG: reproducible under torch.manual_seed, different every step
+        elif cfg.inference_mask == "none":
+            return None, None, None
+        else:
+            key = (cfg.mask_mode, dev, A._version, B._version, A.data_ptr(), B.data_ptr())
+            if self._mask_cache is not None and self._mask_cache[0] == key:
+                return self._mask_cache[1]
+            gen = torch.Generator(device="cpu").manual_seed(self.mask_seed)
+        if cfg.mask_mode == "fast":
+            col, row = fast_masks(e, self.d_in, self.d_out, cfg.mask_rate, rescale=cfg.mask_rescale,
+                                  generator=gen, device=dev)
+            out = (*apply_fast_masks(A, B, col, row), None)
+        else:
+            mask = dare_mask(e, self.d_in, self.d_out, cfg.mask_rate, rescale=cfg.mask_rescale, generator=gen,
+                             device=dev)
+            out = (None, None, dare_delta(A, B, mask))
+        if not self.training:
+            self._mask_cache = (key, out)
+        return out
+
+    @torch.no_grad()
+    def _record(self, weights: torch.Tensor, indices: torch.Tensor, d: torch.Tensor | None,
+                valid: torch.Tensor | None, lead: torch.Size) -> None:
+        """Per-token routing facts for routing_stats / inspect (on CPU, real tokens only)."""
+        n_lora = self.config.n_lora_experts
+        id_w = (weights * (indices >= n_lora)).sum(-1)  # (n,)
+        slots = torch.zeros(indices.shape[0], self.config.n_experts, device=weights.device)
+        slots.scatter_add_(1, indices, (weights > 0).float())  # (n, e) slot counts
+        d = torch.zeros_like(id_w) if d is None else d
+        b = lead[0] if len(lead) == 2 else 1
+        seq_id = torch.arange(b, device=weights.device).repeat_interleave(id_w.shape[0] // b)
+        rec = {"identity_weight": id_w, "slots": slots, "d": d.float(), "seq": seq_id}
+        if valid is not None:
+            rec = {k: v[valid] for k, v in rec.items()}
+        self.records.append({k: v.cpu() for k, v in rec.items()})

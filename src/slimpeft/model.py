@@ -1,0 +1,369 @@
+"""Injection of SLIM layers into a HuggingFace model, and the SlimModel wrapper (PEFT-style API).
+
+    model = get_slim_model(hf_model, SlimConfig())      # base frozen, SlimLinear layers injected
+    out = model(input_ids=..., labels=...)               # training: out.loss includes l1_weight * L1
+    model.routing_stats(input_ids=...)                   # {layer: RoutingStats}, eval mode, no state change
+    with model.disable_adapter(): ...                    # exactly the base model
+    model.save_pretrained("out/")                        # adapter_config.json + adapter_model.safetensors
+    model = SlimModel.from_pretrained(hf_model, "out/")  # checked against the base before anything changes
+
+Target matching has one rule (as PEFT): a string is a regex that must fullmatch the module name; a list holds
+exact names or dotted suffixes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .config import SlimConfig
+from .layer import RoutingContext, SlimLinear, adapter_tensor_specs, base_shape
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+# The MLP projections of each model family (the paper adapts the MLP).
+DEFAULT_TARGETS: dict[str, str | list[str]] = {
+    **{t: ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+       for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2", "smollm3")},
+    "phi3": ["mlp.gate_up_proj", "mlp.down_proj"],
+    "gpt2": ["mlp.c_fc", "mlp.c_proj"],
+    "gpt_neox": ["mlp.dense_h_to_4h", "mlp.dense_4h_to_h"],
+    "phi": ["mlp.fc1", "mlp.fc2"],
+    "opt": ["fc1", "fc2"],
+    # BERT-like encoders: intermediate.dense and the block's output.dense, not attention.output.dense
+    **{t: r"(.*\.)?layer\.\d+\.(intermediate|output)\.dense" for t in ("bert", "roberta", "xlm-roberta", "electra")},
+}
+
+
+def is_adaptable(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or (type(module).__name__ == "Conv1D" and hasattr(module, "nf"))
+
+
+def _matches(name: str, targets: str | list[str]) -> bool:
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def linear_layer_names(model: nn.Module) -> list[str]:
+    """Names of the adaptable layers, with layer indices folded to '*' (for error messages)."""
+    seen: dict[str, None] = {}
+    for name, mod in model.named_modules():
+        if is_adaptable(mod) and not isinstance(mod, SlimLinear):
+            seen[re.sub(r"\.\d+\.", ".*.", name)] = None
+    return list(seen)
+
+
+def resolve_targets(model: nn.Module, target_modules: str | list[str] | None) -> list[str]:
+    """Full names of the layers to adapt; ValueError listing the existing linear layers when none match."""
+    if target_modules is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in DEFAULT_TARGETS:
+            raise ValueError(
+                f"`target_modules`=None but model type {model_type!r} has no default MLP targets; pass "
+                f"target_modules explicitly. Linear layers in this model: {linear_layer_names(model)}"
+            )
+        target_modules = DEFAULT_TARGETS[model_type]
+    names = [n for n, m in model.named_modules() if is_adaptable(m) and _matches(n, target_modules)]
+    if not names:
+        raise ValueError(
+            f"`target_modules`={target_modules!r} matched no linear layer. Linear layers in this model: "
+            f"{linear_layer_names(model)}"
+        )
+    return names
+
+
+def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+@dataclass
+class RoutingStats:
+    """Routing of one adapted layer over the tokens given (padding excluded)."""
+
+    identity_weight: float  # mean routing weight on identity experts per token
+    expert_load: list[float]  # share of the top-K slots per expert (LoRA experts first, then identity)
+    ood_score: float  # mean out-of-domain score d
+    ood_flagged: float  # share of tokens with d > 0
+    n_tokens: int
+
+
+class SlimModel(nn.Module):
+    """A HuggingFace model with SLIM layers injected. Attributes it lacks are looked up on the base model."""
+
+    def __init__(self, model: nn.Module, config: SlimConfig, layer_names: list[str]) -> None:
+        super().__init__()
+        self.base_model = model
+        self.slim_config = config
+        self.layer_names = list(layer_names)
+        self.ctx = RoutingContext()
+        self.last_aux: dict[str, float] = {}
+        for layer in self.slim_layers().values():
+            layer.ctx = self.ctx
+        # a pre-hook, not SlimModel.forward, captures the attention mask: generate() calls the base model directly
+        model.register_forward_pre_hook(self._capture_context, with_kwargs=True)
+
+    def _capture_context(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.ctx.reset(kwargs.get("attention_mask"))
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    # ------------------------------------------------------------------------------------------ forward
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.base_model(*args, **kwargs)
+        if self.training and getattr(out, "loss", None) is not None:
+            aux = self.aux_loss()
+            out.loss = out.loss + aux
+        return out
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model.generate(*args, **kwargs)
+
+    def aux_loss(self) -> torch.Tensor:
+        """l1_weight * sum of the layers' size-normalised L1 penalties (+ any routing losses of this pass)."""
+        cfg = self.slim_config
+        dev = next(self.parameters()).device
+        total = torch.zeros((), device=dev)
+        parts: dict[str, float] = {}
+        if cfg.l1_weight > 0:
+            l1 = sum(layer.l1_penalty() for layer in self.slim_layers().values())
+            total = total + cfg.l1_weight * l1
+            parts["l1"] = float(l1.detach())
+        if self.ctx.aux_losses:
+            routing = torch.stack(self.ctx.aux_losses).sum()
+            total = total + routing
+            parts["routing"] = float(routing.detach())
+        self.last_aux = parts
+        return total
+
+    # ------------------------------------------------------------------------------------------ inspection
+    def slim_layers(self) -> dict[str, SlimLinear]:
+        return {n: m for n, m in self.base_model.named_modules() if isinstance(m, SlimLinear)}
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return trainable, sum(p.numel() for p in self.parameters())
+
+    def print_trainable_parameters(self) -> None:
+        t, a = self.get_nb_trainable_parameters()
+        print(f"trainable params: {t:,d} || all params: {a:,d} || trainable%: {100 * t / a:.4f}")
+
+    @contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Inside the block the model is exactly the base model."""
+        layers = list(self.slim_layers().values())
+        before = [layer.disabled for layer in layers]
+        for layer in layers:
+            layer.disabled = True
+        try:
+            yield
+        finally:
+            for layer, b in zip(layers, before):
+                layer.disabled = b
+
+    @torch.no_grad()
+    def routing_records(self, **inputs: Any) -> dict[str, dict[str, torch.Tensor]]:
+        """Per-token routing facts of every layer for these inputs, in eval mode, with no state change."""
+        was_training = self.training
+        layers = self.slim_layers()
+        self.eval()
+        self.ctx.record = True
+        for layer in layers.values():
+            layer.records = []
+        try:
+            self.base_model(**inputs)
+        finally:
+            self.ctx.record = False
+            self.train(was_training)
+        out = {}
+        for name, layer in layers.items():
+            recs, layer.records = layer.records, []
+            out[name] = {k: torch.cat([r[k] for r in recs]) for k in recs[0]} if recs else {}
+        return out
+
+    def routing_stats(self, **inputs: Any) -> dict[str, RoutingStats]:
+        """Routing of every adapted layer over the given inputs (same arguments as forward)."""
+        stats = {}
+        for name, rec in self.routing_records(**inputs).items():
+            if not rec:
+                continue
+            slots = rec["slots"].sum(0)
+            stats[name] = RoutingStats(
+                identity_weight=float(rec["identity_weight"].mean()),
+                expert_load=(slots / slots.sum().clamp_min(1.0)).tolist(),
+                ood_score=float(rec["d"].mean()),
+                ood_flagged=float((rec["d"] > 0).float().mean()),
+                n_tokens=int(rec["d"].numel()),
+            )
+        return stats
+
+    # ------------------------------------------------------------------------------------------ save / load
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """Adapter tensors only: experts, router and cluster buffers of every layer (no base weights)."""
+        out = {}
+        for name, layer in self.slim_layers().items():
+            for key, t in layer.state_dict().items():
+                if not key.startswith("base_layer."):
+                    out[f"{name}.{key}"] = t.detach().contiguous().cpu()
+        return out
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write adapter_config.json (sorted keys) and adapter_model.safetensors, each atomically."""
+        path = Path(save_directory)
+        path.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "method": "slim",
+            "config": self.slim_config.to_dict(),
+            "layers": {n: list(base_shape(layer.base_layer)) for n, layer in self.slim_layers().items()},
+            "mask_seeds": {n: layer.mask_seed for n, layer in self.slim_layers().items()},
+            "base_model_type": getattr(getattr(self.base_model, "config", None), "model_type", None),
+        }
+        _atomic_write(path / WEIGHTS_NAME, lambda p: save_file(self.adapter_state_dict(), p, metadata={"format": "pt"}))
+        _atomic_write(path / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(meta, indent=2, sort_keys=True)))
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, adapter_dir: str | os.PathLike, *, is_trainable: bool = False
+                        ) -> SlimModel:
+        """Load an adapter onto ``model``. Everything is checked before the model is touched."""
+        cfg, layers, tensors = read_adapter(adapter_dir)
+        check_compatible(model, layers, adapter_dir)
+        _check_tensors(cfg, layers, tensors, adapter_dir)
+        slim = inject(model, cfg, list(layers))
+        for name, layer in slim.slim_layers().items():
+            prefix = name + "."
+            layer.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
+                                  strict=False)
+        slim.train(False)
+        if not is_trainable:
+            for p in slim.parameters():
+                p.requires_grad_(False)
+        return slim
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_adapter(adapter_dir: str | os.PathLike) -> tuple[SlimConfig, dict[str, list[int]], dict[str, torch.Tensor]]:
+    """Read and validate an adapter directory with JSON + safetensors only (never pickle)."""
+    d = Path(adapter_dir)
+    cpath, wpath = d / CONFIG_NAME, d / WEIGHTS_NAME
+    for p in (cpath, wpath):
+        if not p.is_file():
+            raise ValueError(f"{p}: missing; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        meta = json.loads(cpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cpath}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("method") != "slim":
+        raise ValueError(f"{cpath}: `method` is {meta.get('method') if isinstance(meta, dict) else None!r}; "
+                         "expected 'slim'")
+    unknown = sorted(set(meta) - {"method", "config", "layers", "mask_seeds", "base_model_type"})
+    if unknown:
+        raise ValueError(f"{cpath}: unknown top-level field(s) {unknown}")
+    if not isinstance(meta.get("config"), dict):
+        raise ValueError(f"{cpath}: `config` must be an object of SlimConfig fields")
+    cfg = SlimConfig.from_dict(meta["config"], where=str(cpath))
+    layers = meta.get("layers")
+    if (not isinstance(layers, dict) or not layers
+            or not all(isinstance(v, list) and len(v) == 2 and all(isinstance(i, int) for i in v)
+                       for v in layers.values())):
+        raise ValueError(f"{cpath}: `layers` must map layer names to [d_in, d_out]")
+    try:
+        with safe_open(str(wpath), framework="pt", device="cpu") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
+        raise ValueError(f"{wpath}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+    return cfg, layers, tensors
+
+
+def check_compatible(model: nn.Module, layers: dict[str, list[int]], where: str | os.PathLike) -> None:
+    """The adapter's layers must exist in ``model`` as linear layers of the same shapes."""
+    modules = dict(model.named_modules())
+    problems = []
+    for name, (d_in, d_out) in layers.items():
+        mod = modules.get(name)
+        if mod is None:
+            problems.append(f"{name}: not in the base model")
+        elif isinstance(mod, SlimLinear):
+            problems.append(f"{name}: already adapted")
+        elif not is_adaptable(mod):
+            problems.append(f"{name}: is a {type(mod).__name__}, not a linear layer")
+        elif base_shape(mod) != (d_in, d_out):
+            problems.append(f"{name}: adapter expects (d_in, d_out)=({d_in}, {d_out}), base has {base_shape(mod)}")
+    if problems:
+        raise ValueError(f"{where}: adapter does not fit this base model (nothing was changed):\n  "
+                         + "\n  ".join(problems[:10]) + (f"\n  ... {len(problems) - 10} more" if len(problems) > 10
+                                                         else ""))
+
+
+def _check_tensors(cfg: SlimConfig, layers: dict[str, list[int]], got: dict[str, torch.Tensor], where) -> None:
+    expected = {f"{name}.{key}": spec for name, (d_in, d_out) in layers.items()
+                for key, spec in adapter_tensor_specs(cfg, d_in, d_out).items()}
+    problems = [f"missing tensor {k}" for k in expected if k not in got]
+    problems += [f"unexpected tensor {k}" for k in got if k not in expected]
+    for k, (shape, dtype) in expected.items():
+        if k in got and (tuple(got[k].shape) != shape or got[k].dtype != dtype):
+            problems.append(f"{k}: {tuple(got[k].shape)} {got[k].dtype}, expected {shape} {dtype}")
+    problems += [f"{k}: non-finite values" for k, v in got.items() if v.is_floating_point() and not v.isfinite().all()]
+    if problems:
+        raise ValueError(f"{where}/{WEIGHTS_NAME}: does not match its config (nothing was changed):\n  "
+                         + "\n  ".join(problems[:10]) + (f"\n  ... {len(problems) - 10} more" if len(problems) > 10
+                                                         else ""))
+
+
+def unload(model: nn.Module, names: list[str]) -> nn.Module:
+    """Put the base layers back in place of SlimLinear layers (the inverse of inject)."""
+    for name in names:
+        mod = model.get_submodule(name)
+        if isinstance(mod, SlimLinear):
+            _set_module(model, name, mod.base_layer)
+    return model
+
+
+def inject(model: nn.Module, config: SlimConfig, names: list[str]) -> SlimModel:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in names:
+        base = model.get_submodule(name)
+        layer = SlimLinear(base, config, name)
+        weight = base.weight
+        layer.to(weight.device)  # adapters stay float32 on the base's device
+        _set_module(model, name, layer)
+    return SlimModel(model, config, names)
+
+
+def get_slim_model(model: nn.Module, config: SlimConfig | None = None) -> SlimModel:
+    """Freeze ``model`` and inject SLIM layers into its target modules (default: the family's MLP projections)."""
+    config = config or SlimConfig()
+    names = resolve_targets(model, config.target_modules)
+    return inject(model, config, names)

@@ -1,0 +1,109 @@
+"""Routing: router logits, weight yielding, expert selection and auxiliary losses.
+
+Notation: n tokens, e experts, k experts kept per token.
+
+Selections (all return routing weights per kept expert and the expert ids, (n, k) each):
+
+* ``top_k``  -- keep the k largest logits, softmax over those (SLIM, MixLoRA, MoLA);
+* ``top_p``  -- softmax over all experts, sort, keep experts until the cumulative probability first exceeds p
+  (that expert included), no renormalisation (MixLoRA-Dy); dropped slots carry weight 0;
+* ``dense``  -- softmax over all experts, every expert kept (LoRAMoE).
+
+Weight yielding (SLIM, METHOD.md section 5): identity-expert logits are raised by ``gamma * d(x)`` before the
+selection, so LoRA experts yield weight to identity experts as the out-of-domain score d grows. Routers have no
+bias and compute in float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+Selection = Literal["top_k", "top_p", "dense"]
+
+
+@dataclass
+class RouterOutput:
+    """Result of a routing step. ``aux_loss`` is the weighted total to optimise; ``aux_parts`` its unweighted parts."""
+
+    weights: torch.Tensor  # (n, k) float32
+    indices: torch.Tensor  # (n, k) long
+    probs: torch.Tensor  # (n, e) float32 softmax over all experts (after yielding)
+    aux_loss: torch.Tensor  # () float32, zero when no auxiliary loss applies
+    aux_parts: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def apply_yielding(logits: torch.Tensor, d: torch.Tensor | None, n_lora: int, strength: float) -> torch.Tensor:
+    """z'_i = z_i + gamma * d for identity experts (ids >= n_lora); LoRA logits unchanged. (n, e) -> (n, e)."""
+    if d is None or strength == 0.0 or logits.shape[-1] == n_lora:
+        return logits
+    bump = torch.zeros_like(logits)
+    bump[:, n_lora:] = strength * d.to(logits.dtype)[:, None]
+    return logits + bump
+
+
+def select(logits: torch.Tensor, how: Selection, *, top_k: int = 2, top_p: float = 0.8
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Expert selection: returns (weights (n, k), indices (n, k), probs (n, e))."""
+    probs = logits.softmax(-1)  # (n, e)
+    if how == "top_k":
+        vals, idx = logits.topk(top_k, dim=-1)  # (n, k)
+        return vals.softmax(-1), idx, probs
+    if how == "dense":
+        idx = torch.arange(logits.shape[-1], device=logits.device).expand_as(logits)  # (n, e)
+        return probs, idx, probs
+    if how == "top_p":
+        sorted_p, idx = probs.sort(-1, descending=True)  # (n, e)
+        before = sorted_p.cumsum(-1) - sorted_p  # cumulative probability of the experts ranked above
+        keep = before < top_p  # keeps up to and including the expert that first exceeds p
+        return sorted_p * keep, idx, probs
+    raise ValueError(f"unknown selection {how!r}; allowed: 'top_k', 'top_p', 'dense'")
+
+
+def load_balance_loss(probs: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, n_experts: int,
+                      valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Switch-style balance N * sum_i f_i * P_i (unweighted; multiply by c).
+
+    f_i: share of the routed slots (weight > 0) that go to expert i; P_i: mean router probability of expert i.
+    """
+    if valid is not None:
+        probs, indices, weights = probs[valid], indices[valid], weights[valid]
+    if probs.shape[0] == 0:
+        return probs.sum() * 0.0
+    routed = (weights > 0).to(probs.dtype)  # (n, k)
+    slots = torch.zeros(n_experts, device=probs.device, dtype=probs.dtype).index_add_(
+        0, indices.reshape(-1), routed.reshape(-1)
+    )  # (e,)
+    f = slots / routed.sum().clamp_min(1.0)
+    P = probs.mean(0)  # (e,)
+    return n_experts * (f * P).sum()
+
+
+def route(
+    x: torch.Tensor,
+    router_weight: torch.Tensor,
+    how: Selection,
+    *,
+    top_k: int = 2,
+    top_p: float = 0.8,
+    d: torch.Tensor | None = None,
+    n_lora: int | None = None,
+    yield_strength: float = 0.0,
+    balance_coef: float = 0.0,
+    valid: torch.Tensor | None = None,
+) -> RouterOutput:
+    """Router logits (float32, no bias) -> yielding -> selection -> auxiliary loss. x (n, i), router (e, i)."""
+    logits = F.linear(x.float(), router_weight.float())  # (n, e)
+    if n_lora is not None:
+        logits = apply_yielding(logits, d, n_lora, yield_strength)
+    weights, idx, probs = select(logits, how, top_k=top_k, top_p=top_p)
+    parts: dict[str, torch.Tensor] = {}
+    aux = logits.new_zeros(())
+    if balance_coef > 0.0:  # callers pass 0 in eval: auxiliary losses are zero there
+        lb = load_balance_loss(probs, idx, weights, logits.shape[-1], valid)
+        parts["load_balance"] = lb.detach()
+        aux = aux + balance_coef * lb
+    return RouterOutput(weights=weights, indices=idx, probs=probs, aux_loss=aux, aux_parts=parts)
