@@ -31,7 +31,7 @@ Dispatch = Literal["auto", "sparse", "dense"]
 
 
 class LoraExperts(nn.Module):
-    """``n_experts`` LoRA experts of rank r stacked into A (e, r, i) and B (e, o, r); B = 0 so the delta starts at 0."""
+    """``n_experts`` LoRA experts of rank r stacked as A (e, r, i) and B (e, o, r); B = 0: the delta starts at 0."""
 
     def __init__(self, n_experts: int, d_in: int, d_out: int, r: int, alpha: float, *,
                  generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> None:

@@ -239,7 +239,8 @@ class SlimModel(nn.Module):
             "mask_seeds": {n: layer.mask_seed for n, layer in self.slim_layers().items()},
             "base_model_type": getattr(getattr(self.base_model, "config", None), "model_type", None),
         }
-        _atomic_write(path / WEIGHTS_NAME, lambda p: save_file(self.adapter_state_dict(), p, metadata={"format": "pt"}))
+        tensors = self.adapter_state_dict()
+        _atomic_write(path / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
         _atomic_write(path / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(meta, indent=2, sort_keys=True)))
 
     @classmethod
