@@ -1,0 +1,52 @@
+"""Tiny models built locally from random configs (never the Hub)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(2)
+
+
+def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+def tiny_gpt2(seed: int = 0, dtype: torch.dtype = torch.float32):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2)
+    return GPT2LMHeadModel(cfg).to(dtype).eval()
+
+
+def tiny_bert(seed: int = 0, dtype: torch.dtype = torch.float32):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=64)
+    return BertModel(cfg).to(dtype).eval()
+
+
+FAMILIES = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
+
+
+def model_output(model, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids) if mask is None else mask)
+    return out.logits if hasattr(out, "logits") and out.logits is not None else out.last_hidden_state
+
+
+@pytest.fixture
+def ids() -> torch.Tensor:
+    g = torch.Generator().manual_seed(123)
+    return torch.randint(3, 97, (3, 12), generator=g)

@@ -1,0 +1,246 @@
+"""The SLIM layer's parts: expert dispatch, masking, sliding clusters, yielding, gradients."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from slimpeft import SlimConfig, SlimLinear
+from slimpeft.clustering import SlidingClusters
+from slimpeft.experts import LoraExperts
+from slimpeft.masking import apply_fast_masks, dare_delta, dare_mask, fast_drop_rates, fast_masks
+from slimpeft.router import apply_yielding, select
+
+
+def _experts(e=4, i=12, o=10, r=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ex = LoraExperts(e, i, o, r, alpha=6.0, generator=g)
+    with torch.no_grad():
+        ex.lora_B.copy_(torch.randn(ex.lora_B.shape, generator=g))
+    return ex
+
+
+def _loop_reference(ex: LoraExperts, x, weights, indices):
+    """The straightforward per-token, per-slot computation the vectorised paths must equal."""
+    out = torch.zeros(x.shape[0], ex.d_out)
+    for n in range(x.shape[0]):
+        for w, e in zip(weights[n], indices[n]):
+            if e < ex.n_experts:
+                out[n] += w * ex.scaling * (ex.lora_B[e] @ (ex.lora_A[e] @ x[n]))
+    return out
+
+
+@pytest.mark.parametrize("dispatch", ["sparse", "dense"])
+def test_vectorised_dispatch_equals_per_token_loop(dispatch):
+    ex = _experts()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(37, 12, generator=g)
+    logits = torch.randn(37, 6, generator=g)  # 4 LoRA + 2 identity experts
+    w, idx, _ = select(logits, "top_k", top_k=2)
+    got = ex(x, w, idx, dispatch=dispatch)
+    ref = _loop_reference(ex, x, w, idx)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    # gradients agree between the two paths too
+    ws = w.clone().requires_grad_(True)
+    ex(x, ws, idx, dispatch="sparse").square().sum().backward()
+    g_sparse = (ws.grad.clone(), ex.lora_A.grad.clone(), ex.lora_B.grad.clone())
+    ex.zero_grad()
+    wd = w.clone().requires_grad_(True)
+    ex(x, wd, idx, dispatch="dense").square().sum().backward()
+    for a, b in zip(g_sparse, (wd.grad, ex.lora_A.grad, ex.lora_B.grad)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_identity_slots_give_exactly_zero_delta():
+    ex = _experts()
+    x = torch.randn(5, 12)
+    idx = torch.tensor([[4, 5]] * 5)  # both slots on identity experts (ids >= 4)
+    w = torch.full((5, 2), 0.5)
+    for dispatch in ("sparse", "dense"):
+        assert torch.equal(ex(x, w, idx, dispatch=dispatch), torch.zeros(5, 10))
+
+
+def test_exact_dare_path_equals_low_rank_path_without_mask():
+    ex = _experts()
+    x = torch.randn(9, 12)
+    w, idx, _ = select(torch.randn(9, 6), "top_k", top_k=2)
+    delta = dare_delta(ex.lora_A, ex.lora_B, None)
+    torch.testing.assert_close(ex(x, w, idx, delta=delta), ex(x, w, idx), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.4])
+def test_fast_mask_drop_fraction_and_expectation(p):
+    torch.manual_seed(0)
+    e, r, i, o = 2, 3, 40, 30
+    A, B = torch.randn(e, r, i), torch.randn(e, o, r)
+    BA = torch.bmm(B, A)
+    n_draws, dropped, acc = 400, 0.0, torch.zeros_like(BA)
+    for _ in range(n_draws):
+        col, row = fast_masks(e, i, o, p)
+        Am, Bm = apply_fast_masks(A, B, col, row)
+        eff = torch.bmm(Bm, Am)
+        dropped += (eff == 0).float().mean().item()
+        acc += eff
+    assert dropped / n_draws == pytest.approx(p, abs=0.02)
+    # E[B'A'] = B A: the relative error of the mean shrinks like 1/sqrt(draws)
+    rel = (acc / n_draws - BA).norm() / BA.norm()
+    assert rel < 0.12
+    p_r, p_c = fast_drop_rates(p)
+    assert (1 - p_r) * (1 - p_c) == pytest.approx(1 - p)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.4])
+def test_exact_dare_drop_fraction_and_expectation(p):
+    torch.manual_seed(0)
+    A, B = torch.randn(2, 3, 40), torch.randn(2, 30, 3)
+    BA = torch.bmm(B, A)
+    n_draws, dropped, acc = 400, 0.0, torch.zeros_like(BA)
+    for _ in range(n_draws):
+        eff = dare_delta(A, B, dare_mask(2, 40, 30, p))
+        dropped += (eff == 0).float().mean().item()
+        acc += eff
+    assert dropped / n_draws == pytest.approx(p, abs=0.01)
+    assert (acc / n_draws - BA).norm() / BA.norm() < 0.12
+
+
+def test_mask_without_rescale_shrinks_expectation():
+    torch.manual_seed(0)
+    A, B = torch.randn(1, 2, 50), torch.randn(1, 40, 2)
+    acc = sum(dare_delta(A, B, dare_mask(1, 50, 40, 0.5, rescale=False)) for _ in range(300)) / 300
+    assert (acc / torch.bmm(B, A)).median().item() == pytest.approx(0.5, abs=0.05)
+
+
+def test_sliding_cluster_update_matches_hand_computation():
+    cfg = SlimConfig(n_clusters=2, cluster_momentum=0.5)
+    cl = SlidingClusters(2, cfg)
+    cl.centers.copy_(torch.tensor([[0.0, 0.0], [10.0, 10.0]]))
+    cl.variances.copy_(torch.tensor([[1.0, 4.0], [1.0, 1.0]]))
+    cl.agg_mean.copy_(torch.tensor([1.0, 1.0]))
+    cl.agg_var.copy_(torch.tensor([1.0, 1.0]))
+    cl.initialized.fill_(True)
+    x = torch.tensor([[1.0, 2.0], [3.0, -2.0], [9.0, 11.0]])
+    k, agg = cl.assign(x)
+    assert k.tolist() == [0, 0, 1]
+    # z-scores: token0 |1/1|, |2/2| -> max 1; token1 |3|, |-2/2| -> 3; token2 |1|, |1| -> 1
+    assert agg.tolist() == [1.0, 3.0, 1.0]
+    cl.update(x, k, agg)
+    # cluster 0: batch mean (2, 0), batch var ((1+1)/2, (4+4)/2) = (1, 4)
+    torch.testing.assert_close(cl.centers, torch.tensor([[1.0, 0.0], [9.5, 10.5]]))
+    torch.testing.assert_close(cl.variances[0], torch.tensor([1.0, 4.0]))
+    # cluster 1: single token: var 0 -> 0.5 * 1 + 0.5 * 0
+    torch.testing.assert_close(cl.variances[1], torch.tensor([0.5, 0.5]))
+    # aggregate statistics: cluster 0 mean of (1, 3) = 2, var 1; cluster 1 mean 1, var 0 (floored)
+    torch.testing.assert_close(cl.agg_mean, torch.tensor([1.5, 1.0]))
+    torch.testing.assert_close(cl.agg_var, torch.tensor([1.0, 0.5]), atol=1e-5, rtol=0)
+    # calibrated score: tau_0 = 1.5 + 2 * 1 = 3.5
+    d = cl.token_score(torch.tensor([4.0, 3.0]), torch.tensor([0, 0]))
+    torch.testing.assert_close(d, torch.tensor([0.5, 0.0]))
+
+
+def _standalone(cfg: SlimConfig, d_in=16, d_out=8, seed=0) -> SlimLinear:
+    torch.manual_seed(seed)
+    return SlimLinear(nn.Linear(d_in, d_out), cfg, name="layer")
+
+
+def _identity_weight(layer: SlimLinear, x: torch.Tensor) -> float:
+    layer.eval()
+    layer.ctx.record, layer.records = True, []
+    with torch.no_grad():
+        layer(x)
+    layer.ctx.record = False
+    return layer.records[-1]["identity_weight"].mean().item()
+
+
+def test_far_tokens_get_more_identity_weight_and_more_with_yield():
+    cfg = SlimConfig(r=2, n_lora_experts=4, n_identity_experts=2, top_k=2, n_clusters=4, mask_mode="none")
+    layer = _standalone(cfg)
+    g = torch.Generator().manual_seed(0)
+    layer.train()
+    for _ in range(30):  # slide the clusters onto the in-domain distribution
+        layer(torch.randn(64, 16, generator=g))
+    x_in = torch.randn(256, 16, generator=g)
+    x_far = torch.randn(256, 16, generator=g) * 0.5 + 4.0
+    weights = {}
+    for gamma in (0.0, 1.0, 4.0, 16.0):
+        layer.config.yield_strength = gamma
+        weights[gamma] = (_identity_weight(layer, x_in), _identity_weight(layer, x_far))
+    # without yielding the router alone decides; with it, far tokens move to the identity experts
+    assert weights[16.0][1] > 0.95
+    assert weights[16.0][1] > weights[16.0][0] + 0.5
+    far = [weights[g][1] for g in (0.0, 1.0, 4.0, 16.0)]
+    assert all(b >= a for a, b in zip(far, far[1:])) and far[-1] > far[0] + 0.3
+    # in-domain tokens are hardly affected: the calibrated threshold leaves typical tokens at d = 0
+    assert weights[16.0][0] - weights[0.0][0] < 0.15
+
+
+def test_first_training_step_gives_lora_experts_a_gradient():
+    """No dead start: on in-domain data at step 0, LoRA experts are selected and receive gradient."""
+    cfg = SlimConfig(r=2, n_lora_experts=4, n_identity_experts=2, top_k=2, yield_strength=4.0)
+    layer = _standalone(cfg)
+    layer.train()
+    x = torch.randn(128, 16)
+    layer(x).square().sum().backward()
+    assert layer.experts.lora_B.grad.abs().sum() > 0
+    assert (layer.experts.lora_B.grad.abs().sum(dim=(1, 2)) > 0).sum() >= 3  # most experts got tokens
+
+
+def test_eval_mode_freezes_clusters_and_training_moves_them():
+    layer = _standalone(SlimConfig(r=2, n_clusters=4))
+    layer.train()
+    layer(torch.randn(32, 16))
+    before = {k: v.clone() for k, v in layer.clusters.state_dict().items()}
+    layer.eval()
+    with torch.no_grad():
+        layer(torch.randn(32, 16) + 3)
+    assert all(torch.equal(before[k], v) for k, v in layer.clusters.state_dict().items())
+    layer.train()
+    layer(torch.randn(32, 16) + 3)
+    assert not torch.equal(before["centers"], layer.clusters.centers)
+    assert int(layer.clusters.n_updates) == 1
+
+
+def test_yielding_only_touches_identity_logits():
+    z = torch.zeros(3, 5)
+    out = apply_yielding(z, torch.tensor([0.0, 1.0, 2.0]), n_lora=3, strength=2.0)
+    assert out[:, :3].abs().sum() == 0
+    assert out[:, 3:].tolist() == [[0.0, 0.0], [2.0, 2.0], [4.0, 4.0]]
+
+
+def test_top_k_weights_are_softmax_over_kept_logits():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
+    w, idx, _ = select(logits, "top_k", top_k=2)
+    assert idx.tolist() == [[1, 2]]
+    e = math.exp(1.0)
+    torch.testing.assert_close(w, torch.tensor([[e / (e + 1), 1 / (e + 1)]]))
+
+
+def test_l1_penalty_matches_formula():
+    ex = _experts(e=2, i=4, o=3, r=2)
+    with torch.no_grad():
+        ex.lora_A.fill_(0.5)
+        ex.lora_B.fill_(-2.0)
+    # per expert: ||B||_1 / (r o) = 2, ||A||_1 / (r i) = 0.5
+    assert ex.l1_penalty().item() == pytest.approx(2 * (2.0 + 0.5))
+
+
+@pytest.mark.parametrize("pooling", ["sequence", "causal"])
+@pytest.mark.parametrize("score", ["calibrated", "standardized"])
+def test_pooled_scores_are_constant_per_sequence_or_monotone_prefix(pooling, score):
+    cfg = SlimConfig(r=2, n_clusters=4, ood_pooling=pooling, ood_score=score, mask_mode="none",
+                     threshold_std=0.0)
+    layer = _standalone(cfg)
+    layer.train()
+    for _ in range(10):
+        layer(torch.randn(4, 8, 16))
+    layer.eval()
+    layer.ctx.record, layer.records = True, []
+    x = torch.cat([torch.randn(1, 8, 16), torch.randn(1, 8, 16) + 5.0])  # (2, 8, 16): in-domain, far
+    with torch.no_grad():
+        layer(x)
+    d = layer.records[-1]["d"].view(2, 8)
+    if pooling == "sequence":
+        assert torch.equal(d, d[:, :1].expand(2, 8))
+    assert d[1].mean() > d[0].mean()

@@ -1,0 +1,270 @@
+"""SlimModel on real HuggingFace families: equivalences, gradients, routing report, save/load and its errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import FAMILIES, model_output, tiny_gpt2, tiny_llama
+from safetensors.torch import load_file, save_file
+
+from slimpeft import SlimConfig, SlimLinear, SlimModel, get_slim_model
+
+SMALL = dict(r=4, n_lora_experts=4, n_identity_experts=2, top_k=2, n_clusters=4)
+
+
+def _randomise_b(model: SlimModel, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.slim_layers().values():
+            layer.experts.lora_B.copy_(torch.randn(layer.experts.lora_B.shape, generator=g) * 0.1)
+
+
+def _train_steps(model: SlimModel, ids: torch.Tensor, n: int = 3) -> list[float]:
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(n):
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(out.loss.item())
+    model.eval()
+    return losses
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
+def test_initial_outputs_equal_base_and_identity_or_disabled_gives_base(family, dtype, ids):
+    base = FAMILIES[family](dtype=dtype)
+    ref = model_output(base, ids)
+    model = get_slim_model(base, SlimConfig(**SMALL))
+    assert model.layer_names and all(isinstance(m, SlimLinear) for m in model.slim_layers().values())
+    torch.testing.assert_close(model_output(model, ids), ref, rtol=0, atol=0)  # B = 0: exactly the base
+    _randomise_b(model)
+    changed = model_output(model, ids)
+    assert changed.dtype == dtype and (changed - ref).abs().max() > 0
+    with model.disable_adapter():
+        assert torch.equal(model_output(model, ids), ref)
+    # only identity experts selected: make every token "far" so yielding hands all weight to identity experts
+    for layer in model.slim_layers().values():
+        layer.clusters.initialized.fill_(True)
+        layer.config.yield_strength = 1e6
+        layer.clusters.token_score = lambda agg, k: torch.ones_like(agg)
+    assert torch.equal(model_output(model, ids), ref)
+
+
+def test_default_targets_are_the_mlp_projections():
+    assert get_slim_model(tiny_llama(), SlimConfig(**SMALL)).layer_names == [
+        f"model.layers.{i}.mlp.{p}" for i in range(2) for p in ("gate_proj", "up_proj", "down_proj")]
+    assert get_slim_model(tiny_gpt2(), SlimConfig(**SMALL)).layer_names == [
+        f"transformer.h.{i}.mlp.{p}" for i in range(2) for p in ("c_fc", "c_proj")]
+    bert = get_slim_model(FAMILIES["bert"](), SlimConfig(**SMALL)).layer_names
+    assert bert == [f"encoder.layer.{i}.{p}.dense" for i in range(2) for p in ("intermediate", "output")]
+
+
+def test_unmatched_targets_list_existing_linear_layers():
+    with pytest.raises(ValueError, match=r"matched no linear layer.*model\.layers\.\*\.mlp\.gate_proj.*lm_head"):
+        get_slim_model(tiny_llama(), SlimConfig(target_modules=["nonexistent"]))
+
+
+def test_degenerate_config_equals_peft_lora(ids):
+    from peft import LoraConfig, get_peft_model
+
+    targets = ["mlp.up_proj", "mlp.down_proj"]
+    cfg = SlimConfig(r=4, alpha=8, n_lora_experts=1, n_identity_experts=0, top_k=1, mask_mode="none",
+                     yield_strength=0.0, l1_weight=0.0, target_modules=targets)
+    ours = get_slim_model(tiny_llama(seed=3), cfg)
+    _randomise_b(ours, seed=5)
+    theirs = get_peft_model(tiny_llama(seed=3), LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                            lora_dropout=0.0))
+    with torch.no_grad():
+        for name, layer in ours.slim_layers().items():
+            peft_layer = theirs.base_model.model.get_submodule(name)
+            peft_layer.lora_A["default"].weight.copy_(layer.experts.lora_A[0])
+            peft_layer.lora_B["default"].weight.copy_(layer.experts.lora_B[0])
+    ours.eval()
+    theirs.eval()
+    a, b = model_output(ours, ids), model_output(theirs, ids)
+    assert (a - model_output(tiny_llama(seed=3), ids)).abs().max() > 1e-3  # the adapters do something
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_reach_only_adapters_and_routers(ids):
+    model = get_slim_model(tiny_llama(), SlimConfig(**SMALL))
+    _randomise_b(model)
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith(("experts.lora_A", "experts.lora_B", "router")) for n in trainable)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.abs().sum() > 0, n
+        else:
+            assert p.grad is None, n
+    params = {id(p) for p in model.parameters()}
+    for layer in model.slim_layers().values():
+        assert all(id(b) not in params for b in layer.clusters.buffers())
+    # trainable count: per layer E_lora (r d_in + d_out r) + E d_in; llama: gate/up 32->64, down 64->32
+    per = lambda i, o: 4 * 4 * (i + o) + 6 * i  # noqa: E731
+    assert model.get_nb_trainable_parameters()[0] == 2 * (2 * per(32, 64) + per(64, 32))
+
+
+def test_training_loss_includes_l1_and_decreases(ids):
+    model = get_slim_model(tiny_llama(), SlimConfig(**SMALL, l1_weight=0.1))
+    model.train()
+    out = model(input_ids=ids, labels=ids)
+    with torch.no_grad():
+        model.eval()
+        plain = model.base_model(input_ids=ids, labels=ids).loss
+    l1 = sum(layer.l1_penalty() for layer in model.slim_layers().values())
+    # B = 0 at init, so the task loss equals the base's and the difference is the L1 term alone
+    torch.testing.assert_close(out.loss, plain + 0.1 * l1)
+    losses = _train_steps(model, ids, n=8)
+    assert losses[-1] < losses[0] - 0.05
+
+
+def test_routing_stats_change_no_state_and_describe_routing(ids):
+    model = get_slim_model(tiny_llama(), SlimConfig(**SMALL))
+    _train_steps(model, ids, n=2)
+    model.train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    stats = model.routing_stats(input_ids=ids, attention_mask=torch.ones_like(ids))
+    assert model.training  # mode restored
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert set(stats) == set(model.layer_names)
+    for s in stats.values():
+        assert s.n_tokens == ids.numel()
+        assert sum(s.expert_load) == pytest.approx(1.0) and len(s.expert_load) == 6
+        assert 0.0 <= s.identity_weight <= 1.0 and s.ood_score >= 0.0
+    # padding is excluded: a mask with 5 real tokens per row counts 15 tokens
+    mask = torch.zeros_like(ids)
+    mask[:, -5:] = 1
+    assert next(iter(model.routing_stats(input_ids=ids, attention_mask=mask).values())).n_tokens == 15
+
+
+@pytest.mark.parametrize("mask_mode", ["fast", "dare", "none"])
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_save_load_round_trip_is_bit_identical(tmp_path, ids, family, mask_mode):
+    model = get_slim_model(FAMILIES[family](seed=1), SlimConfig(**SMALL, mask_mode=mask_mode))
+    _train_steps(model, ids, n=2)
+    out = model_output(model, ids)
+    assert torch.equal(out, model_output(model, ids))  # fixed inference masks: deterministic
+    model.save_pretrained(tmp_path)
+    meta = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert meta["method"] == "slim" and meta["config"]["mask_mode"] == mask_mode
+    assert list(meta) == sorted(meta)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    assert not any("base_layer" in k for k in tensors)  # only adapter tensors and buffers
+    assert any(k.endswith("clusters.centers") for k in tensors)
+    loaded = SlimModel.from_pretrained(FAMILIES[family](seed=1), tmp_path)
+    assert torch.equal(model_output(loaded, ids), out)
+    assert loaded.get_nb_trainable_parameters()[0] == 0
+    assert SlimModel.from_pretrained(FAMILIES[family](seed=1), tmp_path, is_trainable=True
+                                     ).get_nb_trainable_parameters()[0] > 0
+
+
+@pytest.fixture
+def saved(tmp_path, ids):
+    model = get_slim_model(tiny_llama(), SlimConfig(**SMALL))
+    _train_steps(model, ids, n=1)
+    model.save_pretrained(tmp_path)
+    return tmp_path
+
+
+def _untouched(base, ref_state):
+    assert not any(isinstance(m, SlimLinear) for m in base.modules())
+    assert all(p.requires_grad for p in base.parameters())
+    assert all(torch.equal(v, base.state_dict()[k]) for k, v in ref_state.items())
+
+
+def _corrupt(path, kind):
+    w, c = path / "adapter_model.safetensors", path / "adapter_config.json"
+    if kind == "missing":
+        w.unlink()
+    elif kind == "truncated":
+        w.write_bytes(w.read_bytes()[:200])
+    elif kind == "garbage":
+        w.write_bytes(b"\x00" * 64)
+    elif kind == "wrong_shape":
+        t = load_file(w)
+        k = next(k for k in t if k.endswith("lora_A"))
+        t[k] = t[k][:, :2].contiguous()
+        save_file(t, w)
+    elif kind == "nan":
+        t = load_file(w)
+        k = next(k for k in t if k.endswith("lora_B"))
+        t[k][0, 0, 0] = float("nan")
+        save_file(t, w)
+    elif kind == "unknown_field":
+        meta = json.loads(c.read_text())
+        meta["config"]["rank"] = 3
+        c.write_text(json.dumps(meta))
+    elif kind == "invalid_field":
+        meta = json.loads(c.read_text())
+        meta["config"]["top_k"] = 99
+        c.write_text(json.dumps(meta))
+    elif kind == "bad_json":
+        c.write_text("{not json")
+
+
+@pytest.mark.parametrize("kind, pattern", [
+    ("missing", r"adapter_model.safetensors: missing"),
+    ("truncated", r"not a readable safetensors file"),
+    ("garbage", r"not a readable safetensors file"),
+    ("wrong_shape", r"down_proj.experts.lora_A: \(4, 2, 64\) torch.float32, expected \(4, 4, 64\)"),
+    ("nan", r"lora_B: non-finite values"),
+    ("unknown_field", r"unknown SlimConfig field\(s\) \['rank'\]"),
+    ("invalid_field", r"`top_k`=99 exceeds the number of experts"),
+    ("bad_json", r"adapter_config.json: not valid JSON"),
+])
+def test_bad_adapter_files_fail_clearly_and_leave_model_untouched(saved, kind, pattern):
+    _corrupt(saved, kind)
+    base = tiny_llama()
+    ref = {k: v.clone() for k, v in base.state_dict().items()}
+    with pytest.raises(ValueError, match=pattern):
+        SlimModel.from_pretrained(base, saved)
+    _untouched(base, ref)
+
+
+def test_adapter_on_base_of_other_shapes_fails_and_leaves_model_untouched(saved):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    other = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=4))
+    ref = {k: v.clone() for k, v in other.state_dict().items()}
+    pattern = r"gate_proj: adapter expects \(d_in, d_out\)=\(32, 64\), base has \(32, 48\)"
+    with pytest.raises(ValueError, match=pattern):
+        SlimModel.from_pretrained(other, saved)
+    _untouched(other, ref)
+    with pytest.raises(ValueError, match=r"not in the base model"):
+        SlimModel.from_pretrained(tiny_gpt2(), saved)
+
+
+def test_generate_with_kv_cache_runs_through_the_adapter(ids):
+    model = get_slim_model(tiny_llama(), SlimConfig(**SMALL, ood_pooling="causal", ood_score="standardized"))
+    _train_steps(model, ids, n=2)
+    _randomise_b(model)
+    out = model.generate(input_ids=ids[:1, :5], attention_mask=torch.ones(1, 5, dtype=torch.long),
+                         max_new_tokens=4, do_sample=False)
+    with model.disable_adapter():
+        base_out = model.generate(input_ids=ids[:1, :5], attention_mask=torch.ones(1, 5, dtype=torch.long),
+                                  max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 9) and base_out.shape == (1, 9)
+    again = model.generate(input_ids=ids[:1, :5], attention_mask=torch.ones(1, 5, dtype=torch.long),
+                           max_new_tokens=4, do_sample=False)
+    assert torch.equal(out, again)
+
+
+def test_first_layer_score_is_shared(ids):
+    model = get_slim_model(tiny_llama(), SlimConfig(**SMALL, ood_source="first", ood_pooling="sequence",
+                                                    ood_score="standardized"))
+    _train_steps(model, ids, n=2)
+    recs = model.routing_records(input_ids=ids + 0, attention_mask=torch.ones_like(ids))
+    ds = [r["d"] for r in recs.values()]
+    assert all(torch.equal(d, ds[0]) for d in ds)
+    # only the first layer's clusters were fitted
+    layers = list(model.slim_layers().values())
+    assert bool(layers[0].clusters.initialized) and not bool(layers[-1].clusters.initialized)
