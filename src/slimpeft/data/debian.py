@@ -210,8 +210,8 @@ def elements() -> list[Element]:
     """The periodic table from ``dict-elements``, ordered by atomic number, one record per element."""
     by_number: dict[int, Element] = {}
     for entry in read_dictd("elements"):
-        symbol = re.search(r"^Symbol:\s*(\S+)", entry.text, re.M)
-        number = re.search(r"^Atomic number:\s*(\d+)", entry.text, re.M)
+        symbol = re.search(r"^Symbol:[ \t]*(\S+)[ \t]*$", entry.text, re.M)
+        number = re.search(r"^Atomic number:[ \t]*(\d+)[ \t]*$", entry.text, re.M)
         if not symbol or not number:
             continue
         lines = [ln for ln in entry.text.split("\n") if ln.strip()]

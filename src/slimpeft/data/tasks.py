@@ -279,16 +279,19 @@ def _arithmetic(seed: int) -> Task:
 
 # ------------------------------------------------------------------------------------------------ downstream
 def _downstream_pool(defs: Sequence[debian.Definition], excluded: set[str]) -> list[debian.Definition]:
-    out, seen = [], set()
+    out, seen, seen_defs = [], set(), set()
     for d in defs:
         term, definition = d.term.strip(), _clean_definition(d.definition)
         key = term.lower()
         n_words = len(definition.split())
-        if key in seen or key in excluded or not 4 <= n_words <= 30 or len(term) > 30:
+        if key in seen or key in excluded or definition.lower() in seen_defs:
+            continue
+        if not 4 <= n_words <= 30 or len(term) > 30:
             continue
         if key in definition.lower() or "?" in definition or not re.search(r"[A-Za-z]", term):
             continue
         seen.add(key)
+        seen_defs.add(definition.lower())
         out.append(debian.Definition(term, definition, d.category))
     return out
 
