@@ -1,0 +1,346 @@
+"""What the MoE-LoRA baselines share: the adapter-module base class, a plain LoRA layer, and the MoeModel wrapper.
+
+MoeModel gives every method SLIM's interface (slimpeft.model.SlimModel):
+
+    out = model(input_ids=..., labels=...)        # training: out.loss includes the method's auxiliary losses
+    model.routing_stats(input_ids=...)            # {layer: RoutingStats}, eval mode, no state change
+    model.save_pretrained("out/")                 # adapter_config.json (sorted keys) + adapter_model.safetensors
+    methods.load(name, hf_model, "out/")          # checked before the loaded tensors are used
+
+Notation: b batch, t tokens per sequence, n = b*t tokens, e experts, k routed slots per token, i = d_in,
+o = d_out, r rank.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from ..experts import LoraExperts
+from ..layer import RoutingContext, base_shape, layer_seed
+from ..model import CONFIG_NAME, WEIGHTS_NAME, RoutingStats, _atomic_write
+from .config import MethodConfig
+
+
+@dataclass
+class MoeContext(RoutingContext):
+    """RoutingContext plus LoRAMoE's per-sample type (b,), set from ``model(..., sample_type=...)``."""
+
+    sample_type: torch.Tensor | None = None
+
+
+def set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, new)
+
+
+def layer_index(name: str) -> int | None:
+    """Depth of a module from its name: the first integer component (``model.layers.3.mlp`` -> 3)."""
+    m = re.search(r"(?:^|\.)(\d+)(?:\.|$)", name)
+    return int(m.group(1)) if m else None
+
+
+def seeded_generator(seed: int, name: str) -> torch.Generator:
+    return torch.Generator().manual_seed(layer_seed(seed, name))
+
+
+def kaiming_router(n_experts: int, d_in: int, g: torch.Generator) -> torch.Tensor:
+    """nn.Linear's default init, U(-1/sqrt(i), 1/sqrt(i)), as LoRAMoE's and MoLA's routers. (e, i)"""
+    bound = 1.0 / d_in**0.5
+    return (torch.rand(n_experts, d_in, generator=g) * 2.0 - 1.0) * bound
+
+
+class AdapterModule(nn.Module):
+    """A frozen ``base_layer`` (a linear layer or a whole FFN block) plus trainable adapter tensors.
+
+    Contract (as PEFT's tuners): disabled -> exactly the base; otherwise base + adapter, in the base output's dtype.
+    Adapter tensors and routers are float32 whatever the base dtype. ``routes`` marks modules with a router.
+    """
+
+    routes = False
+
+    def __init__(self, base_layer: nn.Module, name: str) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.name = name
+        self.ctx: MoeContext = MoeContext()
+        self.disabled = False
+        self.records: list[dict[str, torch.Tensor]] = []
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("base_layer.")}
+
+    # ------------------------------------------------------------------ helpers for routed subclasses
+    def valid_mask(self, lead: torch.Size) -> torch.Tensor | None:
+        """(n,) bool real-token mask from the captured attention mask, or None (same rule as SlimLinear)."""
+        m = self.ctx.attention_mask
+        if m is None or m.dim() != 2 or len(lead) != 2 or m.shape[0] != lead[0] or m.shape[1] < lead[1]:
+            return None
+        return (m[:, -lead[1]:] > 0).reshape(-1)  # (n,) the last t columns: works with a KV cache too
+
+    @torch.no_grad()
+    def record(self, weights: torch.Tensor, indices: torch.Tensor, n_experts: int, valid: torch.Tensor | None) -> None:
+        """Per-token slot counts and routing weights per expert, for routing_stats (real tokens only, on CPU)."""
+        n = indices.shape[0]
+        slots = torch.zeros(n, n_experts, device=weights.device).scatter_add_(
+            1, indices, (weights > 0).float())  # (n, e)
+        mass = torch.zeros(n, n_experts, device=weights.device).scatter_add_(1, indices, weights.float())  # (n, e)
+        rec = {"slots": slots, "weight": mass}
+        if valid is not None:
+            rec = {k: v[valid] for k, v in rec.items()}
+        self.records.append({k: v.cpu() for k, v in rec.items()})
+
+
+class LoraLinear(AdapterModule):
+    """Plain LoRA, y = W x + b + s B A x, on the shared expert engine (one expert, weight 1).
+
+    Used for MixLoRA's optional attention LoRA.
+    """
+
+    def __init__(self, base_layer: nn.Module, name: str, r: int, alpha: float, seed: int) -> None:
+        super().__init__(base_layer, name)
+        self.d_in, self.d_out = base_shape(base_layer)
+        self.lora = LoraExperts(1, self.d_in, self.d_out, r, alpha, generator=seeded_generator(seed, name))
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return result
+        xf = x.reshape(-1, self.d_in)  # (n, i)
+        ones = xf.new_ones(xf.shape[0], 1, dtype=torch.float32)  # (n, 1) the single expert, weight 1
+        zeros = torch.zeros(xf.shape[0], 1, dtype=torch.long, device=x.device)  # (n, 1) expert id 0
+        y = self.lora(xf, ones, zeros, dispatch="dense")  # (n, o)
+        return result + y.view(*x.shape[:-1], self.d_out).to(result.dtype)
+
+
+# ============================================================================================== the model wrapper
+Injector = Callable[[nn.Module, MethodConfig], list[str]]
+
+
+class MoeModel(nn.Module):
+    """A HuggingFace model with one baseline method's adapters injected. Missing attributes come from the base."""
+
+    def __init__(self, model: nn.Module, method: str, config: MethodConfig, layer_names: list[str]) -> None:
+        super().__init__()
+        self.base_model = model
+        self.method = method
+        self.method_config = config
+        self.layer_names = list(layer_names)
+        self.ctx = MoeContext()
+        self.last_aux: dict[str, float] = {}
+        self._sample_type: torch.Tensor | None = None
+        for layer in self.adapter_layers().values():
+            layer.ctx = self.ctx
+        # a pre-hook, not forward, captures the attention mask: generate() calls the base model directly
+        self._hook = model.register_forward_pre_hook(self._capture_context, with_kwargs=True)
+
+    def _capture_context(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.ctx.reset(kwargs.get("attention_mask"))
+        self.ctx.sample_type = self._sample_type
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, *args: Any, sample_type: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        """The base model's forward. ``sample_type`` (b,) is LoRAMoE's per-sample type (ignored by the others)."""
+        self._sample_type = sample_type
+        try:
+            out = self.base_model(*args, **kwargs)
+        finally:
+            self._sample_type = None
+        if self.training and getattr(out, "loss", None) is not None:
+            out.loss = out.loss + self.aux_loss()
+        return out
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model.generate(*args, **kwargs)
+
+    def aux_loss(self) -> torch.Tensor:
+        """Sum of the routing losses of the last forward pass (already weighted by their coefficients)."""
+        dev = next(self.parameters()).device
+        if not self.ctx.aux_losses:
+            self.last_aux = {}
+            return torch.zeros((), device=dev)
+        total = torch.stack([a.to(dev) for a in self.ctx.aux_losses]).sum()
+        self.last_aux = {"routing": float(total.detach())}
+        return total
+
+    # ------------------------------------------------------------------ inspection
+    def adapter_layers(self) -> dict[str, AdapterModule]:
+        return {n: m for n, m in self.base_model.named_modules() if isinstance(m, AdapterModule)}
+
+    def routed_layers(self) -> dict[str, AdapterModule]:
+        return {n: m for n, m in self.adapter_layers().items() if m.routes}
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return trainable, sum(p.numel() for p in self.parameters())
+
+    def print_trainable_parameters(self) -> None:
+        t, a = self.get_nb_trainable_parameters()
+        print(f"trainable params: {t:,d} || all params: {a:,d} || trainable%: {100 * t / a:.4f}")
+
+    @contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Inside the block the model is exactly the base model."""
+        layers = list(self.adapter_layers().values())
+        before = [layer.disabled for layer in layers]
+        for layer in layers:
+            layer.disabled = True
+        try:
+            yield
+        finally:
+            for layer, b in zip(layers, before):
+                layer.disabled = b
+
+    @torch.no_grad()
+    def routing_records(self, **inputs: Any) -> dict[str, dict[str, torch.Tensor]]:
+        """Per-token slot counts and routing weights (n, e) of every routed layer, eval mode, no state change."""
+        was_training = self.training
+        layers = self.routed_layers()
+        self.eval()
+        self.ctx.record = True
+        for layer in layers.values():
+            layer.records = []
+        try:
+            self(**inputs)
+        finally:
+            self.ctx.record = False
+            self.train(was_training)
+        out = {}
+        for name, layer in layers.items():
+            recs, layer.records = layer.records, []
+            out[name] = {k: torch.cat([r[k] for r in recs]) for k in recs[0]} if recs else {}
+        return out
+
+    def routing_stats(self, **inputs: Any) -> dict[str, RoutingStats]:
+        """Expert usage of every routed layer (same report as SLIM; these methods have no identity experts or OOD
+        score, so ``identity_weight``, ``ood_score`` and ``ood_flagged`` are 0).
+
+        ``expert_load``: share of the routed slots per expert for the top-k/top-p methods; for dense routing
+        (LoRAMoE, where every expert gets a slot) the share of the routing weight, which is what varies.
+        """
+        stats = {}
+        for name, rec in self.routing_records(**inputs).items():
+            if not rec:
+                continue
+            dense = getattr(self.adapter_layers()[name], "dense_routing", False)
+            load = rec["weight" if dense else "slots"].sum(0)  # (e,)
+            stats[name] = RoutingStats(identity_weight=0.0, expert_load=(load / load.sum().clamp_min(1e-12)).tolist(),
+                                       ood_score=0.0, ood_flagged=0.0, n_tokens=int(rec["slots"].shape[0]))
+        return stats
+
+    # ------------------------------------------------------------------ save / load
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """Adapter tensors only (experts, routers), no base weights."""
+        return {f"{name}.{k}": v.detach().contiguous().cpu()
+                for name, layer in self.adapter_layers().items() for k, v in layer.adapter_state_dict().items()}
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write adapter_config.json (sorted keys) and adapter_model.safetensors, each atomically."""
+        path = Path(save_directory)
+        path.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "method": self.method,
+            "config": self.method_config.to_dict(),
+            "layers": {n: type(m).__name__ for n, m in self.adapter_layers().items()},
+            "base_model_type": getattr(getattr(self.base_model, "config", None), "model_type", None),
+        }
+        tensors = self.adapter_state_dict()
+        _atomic_write(path / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+        _atomic_write(path / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(meta, indent=2, sort_keys=True)))
+
+    def unload(self) -> nn.Module:
+        """Put the base layers back (the inverse of injection) and return the base model."""
+        for name in list(self.adapter_layers()):
+            set_module(self.base_model, name, self.base_model.get_submodule(name).base_layer)
+        self._hook.remove()
+        return self.base_model
+
+
+def read_method_dir(adapter_dir: str | os.PathLike, method: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """adapter_config.json and adapter_model.safetensors of ``method``, read with JSON + safetensors only."""
+    d = Path(adapter_dir)
+    cpath, wpath = d / CONFIG_NAME, d / WEIGHTS_NAME
+    for p in (cpath, wpath):
+        if not p.is_file():
+            raise ValueError(f"{p}: missing; a saved {method!r} directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        meta = json.loads(cpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cpath}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("method") != method:
+        got = meta.get("method") if isinstance(meta, dict) else None
+        raise ValueError(f"{cpath}: `method` is {got!r}; expected {method!r} "
+                         f"(load it with methods.load({got!r}, ...))")
+    if not isinstance(meta.get("config"), dict):
+        raise ValueError(f"{cpath}: `config` must be an object of config fields")
+    try:
+        with safe_open(str(wpath), framework="pt", device="cpu") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
+        raise ValueError(f"{wpath}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+    return meta, tensors
+
+
+def load_moe(model: nn.Module, adapter_dir: str | os.PathLike, method: str, config_cls: type[MethodConfig],
+             build: Callable[[nn.Module, MethodConfig], MoeModel], *, is_trainable: bool = False) -> MoeModel:
+    """Rebuild the method's structure from the saved config, check names/shapes, then load the tensors.
+
+    On any mismatch the injected layers are removed again and ValueError lists the problems.
+    """
+    meta, tensors = read_method_dir(adapter_dir, method)
+    cfg = config_cls.from_dict(meta["config"], where=str(Path(adapter_dir) / CONFIG_NAME))
+    grad_before = {id(p): p.requires_grad for p in model.parameters()}
+    wrapped = build(model, cfg)
+    problems = []
+    saved_layers, built = meta.get("layers"), wrapped.adapter_layers()
+    if isinstance(saved_layers, dict) and sorted(saved_layers) != sorted(built):
+        diff = sorted(set(saved_layers) ^ set(built))[:3]
+        problems.append(f"adapted layers differ: saved {len(saved_layers)}, this base model gives {len(built)} "
+                        f"(e.g. {diff})")
+    expected = wrapped.adapter_state_dict()
+    problems += [f"missing tensor {k}" for k in expected if k not in tensors]
+    problems += [f"unexpected tensor {k}" for k in tensors if k not in expected]
+    problems += [f"{k}: {tuple(tensors[k].shape)} {tensors[k].dtype}, expected {tuple(v.shape)} {v.dtype}"
+                 for k, v in expected.items()
+                 if k in tensors and (tensors[k].shape != v.shape or tensors[k].dtype != v.dtype)]
+    problems += [f"{k}: non-finite values" for k, v in tensors.items()
+                 if v.is_floating_point() and not v.isfinite().all()]
+    if problems:
+        wrapped.unload()
+        for p in model.parameters():
+            p.requires_grad_(grad_before.get(id(p), p.requires_grad))
+        raise ValueError(f"{adapter_dir}: the saved {method!r} adapter does not fit this base model (nothing was "
+                         "changed):\n  " + "\n  ".join(problems[:10])
+                         + (f"\n  ... {len(problems) - 10} more" if len(problems) > 10 else ""))
+    for name, layer in wrapped.adapter_layers().items():
+        prefix = name + "."
+        layer.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, strict=False)
+    wrapped.train(False)
+    if not is_trainable:
+        for p in wrapped.parameters():
+            p.requires_grad_(False)
+    return wrapped
+
+
+def freeze(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)

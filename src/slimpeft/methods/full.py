@@ -1,0 +1,95 @@
+"""Full fine-tuning: every weight of the model trains (the forgetting reference of the comparison).
+
+Save: adapter_config.json (``method: full``, sorted keys) + adapter_model.safetensors holding the whole state dict,
+written with ``safetensors.torch.save_model`` (tied weights such as GPT-2's lm_head/wte are stored once).
+Load: every stored tensor is checked against the base model's names and shapes before any is copied.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from ..model import CONFIG_NAME, WEIGHTS_NAME, _atomic_write
+from .config import FullConfig
+
+
+class FullModel(nn.Module):
+    """The base model, all parameters trainable, with the methods' common save/inspection interface."""
+
+    method = "full"
+
+    def __init__(self, model: nn.Module, config: FullConfig | None = None) -> None:
+        super().__init__()
+        self.base_model = model
+        self.method_config = config or FullConfig()
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model.generate(*args, **kwargs)
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)  # tied weights counted once
+        return trainable, sum(p.numel() for p in self.parameters())
+
+    @contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        raise ValueError("full fine-tuning changes the base weights in place: there is no adapter to disable")
+        yield  # pragma: no cover
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        path = Path(save_directory)
+        path.mkdir(parents=True, exist_ok=True)
+        meta = {"method": "full", "config": self.method_config.to_dict(),
+                "base_model_type": getattr(getattr(self.base_model, "config", None), "model_type", None)}
+        _atomic_write(path / WEIGHTS_NAME, lambda p: save_model(self.base_model, p, metadata={"format": "pt"}))
+        _atomic_write(path / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(meta, indent=2, sort_keys=True)))
+
+
+def build_full(model: nn.Module, config: FullConfig) -> FullModel:
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return FullModel(model, config)
+
+
+def load_full(model: nn.Module, adapter_dir: str | os.PathLike, *, is_trainable: bool = False) -> FullModel:
+    from .common import read_method_dir
+
+    meta, tensors = read_method_dir(adapter_dir, "full")
+    cfg = FullConfig.from_dict(meta["config"], where=str(Path(adapter_dir) / CONFIG_NAME))
+    state = model.state_dict()
+    problems = [f"unexpected tensor {k}" for k in tensors if k not in state]
+    problems += [f"{k}: {tuple(v.shape)}, expected {tuple(state[k].shape)}" for k, v in tensors.items()
+                 if k in state and v.shape != state[k].shape]
+    # keys absent from the file must be tied to a stored one (save_model keeps one name per shared tensor)
+    stored_ptrs = {state[k].data_ptr() for k in tensors if k in state}
+    problems += [f"missing tensor {k}" for k, v in state.items()
+                 if k not in tensors and v.data_ptr() not in stored_ptrs]
+    if problems:
+        raise ValueError(f"{adapter_dir}: the saved full model does not fit this base model (nothing was changed):\n  "
+                         + "\n  ".join(problems[:10]))
+    del tensors
+    wpath = Path(adapter_dir) / WEIGHTS_NAME
+    load_model(model, str(wpath), strict=True)  # raises on missing keys (tied duplicates excepted)
+    for p in model.parameters():
+        p.requires_grad_(is_trainable)
+    wrapped = FullModel(model, cfg)
+    wrapped.train(False)
+    return wrapped
