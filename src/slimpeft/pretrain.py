@@ -156,11 +156,19 @@ def _collate(encoded: list[list[int]], batch: list[int], pad_id: int) -> dict[st
 
 def pretrain(args: PretrainArgs) -> Path:
     """Run the recipe; returns the output folder (model, tokenizer, ``pretrain_log.json``, ``README.md``)."""
+    threads_before = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return _pretrain(args)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _pretrain(args: PretrainArgs) -> Path:
     from slimpeft.evaluation.multiple_choice import evaluate_task
 
     start_time = time.time()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     random.seed(args.seed)
