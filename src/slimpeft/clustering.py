@@ -64,7 +64,8 @@ class SlidingClusters(nn.Module):
         # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2; ||x||^2 is constant per row, so it drops out of the argmin.
         dist2 = (c * c).sum(-1)[None, :] - 2.0 * (x @ c.T)  # (n, c)
         k = dist2.argmin(-1)  # (n,)
-        z = (x - c[k]).abs() * torch.rsqrt(self.variances[k].clamp_min(_EPS))  # (n, i)
+        inv_sd = torch.rsqrt(self.variances.clamp_min(_EPS))  # (c, i): once per call, not per token
+        z = (x - c[k]).abs_().mul_(inv_sd[k])  # (n, i)
         agg = z.amax(-1) if self.config.distance == "max" else z.square().mean(-1).sqrt()  # (n,)
         return k, agg
 

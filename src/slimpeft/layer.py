@@ -106,10 +106,11 @@ class SlimLinear(nn.Module):
         ro = route(xf, self.router, "top_k", top_k=cfg.top_k, d=d, n_lora=cfg.n_lora_experts,
                    yield_strength=cfg.yield_strength)
         A, B, delta = self._masked_weights()
-        y = self.experts(xf, ro.weights, ro.indices, A=A, B=B, delta=delta)  # (n, o)
+        y = self.experts(xf, ro.weights, ro.indices, A=A, B=B, delta=delta,
+                         base=result.reshape(-1, self.d_out))  # (n, o) = base + delta
         if self.ctx.record:
             self._record(ro.weights, ro.indices, d, valid, lead)
-        return result + y.view(*lead, self.d_out).to(result.dtype)
+        return y.view(*lead, self.d_out)
 
     def l1_penalty(self) -> torch.Tensor:
         return self.experts.l1_penalty()

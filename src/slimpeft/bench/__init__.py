@@ -1,0 +1,1 @@
+"""Benchmarks: speed (layer, masking, model), forgetting, encoder. Each writes JSON and prints a table."""
