@@ -32,12 +32,14 @@ class RoutingContext:
 
     attention_mask: torch.Tensor | None = None  # (b, t_total): marks real tokens; padding is ignored
     first_score: torch.Tensor | None = None  # (n,) d of the first adapted layer (ood_source == "first")
+    first_u: torch.Tensor | None = None  # (n,) the continuous score behind first_score
     record: bool = False  # routing_stats(): layers append what they routed to their records
     aux_losses: list[torch.Tensor] = field(default_factory=list)
 
     def reset(self, attention_mask: torch.Tensor | None) -> None:
         self.attention_mask = attention_mask
         self.first_score = None
+        self.first_u = None
         self.aux_losses = []
 
 
@@ -92,6 +94,7 @@ class SlimLinear(nn.Module):
         self.disabled = False
         self.records: list[dict[str, torch.Tensor]] = []
         self._mask_cache: tuple[tuple, tuple] | None = None
+        self._last_u: torch.Tensor | None = None
 
     # ------------------------------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -128,8 +131,10 @@ class SlimLinear(nn.Module):
         if cfg.n_identity_experts == 0:  # nothing to yield to: skip the clustering entirely
             return None
         if cfg.ood_source == "first" and ctx.first_score is not None and ctx.first_score.shape[0] == xf.shape[0]:
+            self._last_u = ctx.first_u
             return ctx.first_score
         x = xf.detach().float()
+        self._last_u = None
         xv = x if valid is None else x[valid]
         just_initialized = False
         if self.training and not bool(cl.initialized) and xv.shape[0] > 0:
@@ -141,12 +146,15 @@ class SlimLinear(nn.Module):
             k, agg = cl.assign(x)
             if cfg.ood_pooling == "token":
                 d = cl.token_score(agg, k)
+                if ctx.record:  # the continuous score behind d, for separation (AUROC) reports
+                    self._last_u = agg if cfg.ood_score == "paper" else cl.standardize(agg, k)
             else:
                 d = self._pooled_score(agg, k, lead, valid, just_initialized)
             if self.training and not just_initialized and xv.shape[0] > 0:
                 cl.update(xv, k if valid is None else k[valid], agg if valid is None else agg[valid])
         if cfg.ood_source == "first" and ctx.first_score is None:
             ctx.first_score = d
+            ctx.first_u = self._last_u
         return d
 
     def _pooled_score(self, agg: torch.Tensor, k: torch.Tensor, lead: torch.Size, valid: torch.Tensor | None,
@@ -166,6 +174,8 @@ class SlimLinear(nn.Module):
         else:
             pooled = (U * V).cumsum(1) / V.cumsum(1).clamp_min(1.0)  # (b, t) prefix means
         d = cl.pooled_score(pooled) if cfg.ood_score == "standardized" else pooled
+        if self.ctx.record:
+            self._last_u = pooled.reshape(-1)
         if cfg.ood_score == "standardized" and self.training and not just_initialized:
             cl.update_pool_stats(seq, first=False)
         return d.reshape(-1)
@@ -209,7 +219,8 @@ class SlimLinear(nn.Module):
         d = torch.zeros_like(id_w) if d is None else d
         b = lead[0] if len(lead) == 2 else 1
         seq_id = torch.arange(b, device=weights.device).repeat_interleave(id_w.shape[0] // b)
-        rec = {"identity_weight": id_w, "slots": slots, "d": d.float(), "seq": seq_id}
+        u = d if self._last_u is None else self._last_u  # continuous score behind d
+        rec = {"identity_weight": id_w, "slots": slots, "d": d.float(), "u": u.float(), "seq": seq_id}
         if valid is not None:
             rec = {k: v[valid] for k, v in rec.items()}
         self.records.append({k: v.cpu() for k, v in rec.items()})

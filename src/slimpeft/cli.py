@@ -1,0 +1,205 @@
+"""``slim``: the command-line face of slimpeft (a thin layer over functions that tests and benchmarks call).
+
+    slim pretrain --out assets/base                      rebuild the shipped base model
+    slim train --method slim --data downstream --out runs/slim
+    slim eval runs/slim [--tasks ...] [--harness ...]    accuracy before/after, retention
+    slim inspect runs/slim                               per-layer routing report + PNG heatmap
+    slim bench layer [--quick] [--json]                  layer / masking speed, side by side
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="slim: fine-tune HuggingFace models with SLIM (Soft LoRA + Identity Mixture): learn more, "
+                  "forget less.")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (each prints a table and writes JSON).")
+app.add_typer(bench_app, name="bench")
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1") if Path("assets/base").exists() else None
+
+
+def _parse_set(values: list[str]) -> dict:
+    """``--set key=value`` pairs; values are JSON where they parse (numbers, booleans, lists), else strings."""
+    out = {}
+    for item in values:
+        if "=" not in item:
+            raise typer.BadParameter(f"--set {item!r}: expected key=value")
+        k, v = item.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def _fail(msg: str) -> None:
+    typer.secho(f"error: {msg}", fg="red", err=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def pretrain(
+    out: Annotated[str, typer.Option(help="output folder")] = "assets/base",
+    steps: Annotated[int, typer.Option(help="optimizer steps")] = 5000,
+    seed: Annotated[int, typer.Option(help="seed")] = 0,
+    threads: Annotated[int, typer.Option(help="torch CPU threads (0 = torch default)")] = 0,
+) -> None:
+    """Rebuild the shipped base model (tokenizer + small Llama) from the general corpus, seeded."""
+    from .pretrain import PretrainArgs
+    from .pretrain import pretrain as run
+
+    _setup_logging()
+    try:
+        path = run(PretrainArgs(out=out, steps=steps, seed=seed, threads=threads))
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    typer.echo(f"base model written to {path}")
+
+
+@app.command()
+def train(
+    out: Annotated[str, typer.Option(help="run directory")],
+    method: Annotated[str, typer.Option(help="slim, lora, dora, mixlora, mixlora-dy, loramoe, mola, full")] = "slim",
+    base: Annotated[str, typer.Option(help="base model folder or HF id")] = "assets/base",
+    data: Annotated[str, typer.Option(help="task names (comma-separated), 'downstream', 'general' or a .jsonl "
+                                           "file of prompt/response or question/choices/answer records")
+                    ] = "downstream",
+    steps: Annotated[int, typer.Option(help="optimizer steps")] = 300,
+    batch_size: Annotated[int, typer.Option(help="sequences per step and device")] = 16,
+    lr: Annotated[float, typer.Option(help="peak learning rate")] = 2e-3,
+    max_length: Annotated[int, typer.Option(help="longest sequence in tokens")] = 128,
+    seed: Annotated[int, typer.Option(help="seed")] = 0,
+    save_steps: Annotated[int, typer.Option(help="steps between checkpoints")] = 100,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="method config override key=value "
+                                                      "(repeatable), e.g. --set r=8 --set yield_strength=4")] = None,
+    resume: Annotated[bool, typer.Option(help="resume from the last checkpoint in the run directory")] = False,
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+) -> None:
+    """Fine-tune a base model with one method; writes the adapter, config, logs and checkpoints to OUT."""
+    from .training import TrainArgs
+    from .training import train as run
+
+    _setup_logging()
+    args = TrainArgs(base=base, method=method, data=data, out=out, overrides=_parse_set(set_ or []), steps=steps,
+                     batch_size=batch_size, lr=lr, max_length=max_length, seed=seed, save_steps=save_steps,
+                     resume=resume, progress=progress)
+    errs = args.validate()
+    if errs:
+        _fail("invalid arguments:\n  " + "\n  ".join(errs))
+    try:
+        run_dir = run(args)
+    except (ValueError, FloatingPointError) as e:
+        _fail(str(e))
+    typer.echo(f"run written to {run_dir}")
+
+
+@app.command("eval")
+def eval_(
+    run_dir: Annotated[str, typer.Argument(help="a run directory (from slim train) or a base model folder")],
+    tasks: Annotated[str | None, typer.Option(help="comma-separated task names (default: all)")] = None,
+    limit: Annotated[int | None, typer.Option(help="test items per task (default: all)")] = None,
+    harness: Annotated[str | None, typer.Option(help="lm-evaluation-harness task names to run on the "
+                                                        "adapted model (our tasks as 'slim_*' or any task the "
+                                                        "harness knows where the Hub is reachable)")] = None,
+) -> None:
+    """Accuracy per task of the base and the tuned model side by side, with retention (general after / before)."""
+    from .data.tasks import list_tasks
+    from .report import compare_accuracy, print_accuracy_table
+    from .training import RUN_CONFIG, load_base, load_run
+
+    _setup_logging()
+    names = tasks.split(",") if tasks else list_tasks()
+    unknown = [n for n in names if n not in list_tasks()]
+    if unknown:
+        _fail(f"--tasks: unknown {unknown}; known: {', '.join(list_tasks())}")
+    path = Path(run_dir)
+    if (path / RUN_CONFIG).is_file():
+        model, tok, cfg = load_run(path)
+        base_model, _ = load_base(cfg["args"]["base"])
+        summary = compare_accuracy(model, tok, names, base_model=base_model.eval(), limit=limit)
+        print_accuracy_table(summary, title=f"{cfg['args']['method']}: base vs tuned ({path})")
+        (path / "eval.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+    elif (path / "config.json").is_file():
+        from .evaluation.multiple_choice import evaluate_task
+
+        model, tok = load_base(str(path))
+        model.eval()
+        for n in names:
+            typer.echo(f"{n}: {evaluate_task(model, tok, n, limit=limit).accuracy:.3f}")
+    else:
+        _fail(f"{run_dir}: neither a run directory ({RUN_CONFIG}) nor a model folder (config.json)")
+    if harness:
+        from .evaluation.harness import run_harness
+
+        scores = run_harness(_hf_model(model), tok, harness.split(","), limit=limit)
+        typer.echo(json.dumps({"harness": scores}, indent=2))
+
+
+def _hf_model(model):
+    """The transformers PreTrainedModel inside a wrapper; adapters injected in place stay active."""
+    from transformers import PreTrainedModel
+
+    seen = 0
+    while not isinstance(model, PreTrainedModel) and seen < 4:
+        model = getattr(model, "base_model", None) or getattr(model, "model", None)
+        seen += 1
+    if not isinstance(model, PreTrainedModel):
+        _fail("this model wraps no transformers PreTrainedModel that lm-evaluation-harness could run")
+    return model
+
+
+@app.command()
+def inspect(
+    run_dir: Annotated[str, typer.Argument(help="a run directory of a routed method (slim or a MoE baseline)")],
+    limit: Annotated[int, typer.Option(help="test items per task used as inputs")] = 100,
+    png: Annotated[str | None, typer.Option(help="heatmap path (default RUN_DIR/routing.png)")] = None,
+) -> None:
+    """Per-layer routing report: identity weight on general vs downstream inputs, expert load, OOD scores, AUROC."""
+    from dataclasses import asdict
+
+    from .report import plot_routing, print_routing_table, routing_report
+    from .training import load_run
+
+    _setup_logging()
+    try:
+        model, tok, _ = load_run(run_dir)
+        report = routing_report(model, tok, limit=limit)
+    except ValueError as e:
+        _fail(str(e))
+    print_routing_table(report)
+    out = Path(png) if png else Path(run_dir) / "routing.png"
+    plot_routing(report, out)
+    (Path(run_dir) / "routing.json").write_text(json.dumps({k: asdict(v) for k, v in report.items()}, indent=2))
+    typer.echo(f"heatmap written to {out}")
+
+
+@bench_app.command("layer")
+def bench_layer(
+    quick: Annotated[bool, typer.Option(help="fewer tokens and repetitions")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    out: Annotated[str, typer.Option(help="JSON output path")] = "results/speed/layer.json",
+) -> None:
+    """Layer forward+backward (SLIM / base / PEFT LoRA r=128) and fast vs exact DARE masking, side by side."""
+    from .bench.speed import print_layer_table, run_layer_bench
+
+    result = run_layer_bench(quick=quick, out=Path(out))
+    typer.echo(json.dumps(result, sort_keys=True)) if as_json else print_layer_table(result)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

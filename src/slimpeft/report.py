@@ -1,0 +1,198 @@
+"""Reports over a trained run: accuracy before/after with retention, and the per-layer routing report.
+
+* :func:`compare_accuracy` -- every task scored for the base and the tuned model side by side; retention =
+  mean general accuracy after / before.
+* :func:`routing_report` -- per adapted layer: identity weight on general vs downstream inputs, expert load,
+  out-of-domain scores, and how well the score separates the two (AUROC, per token and per sequence).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .data.tasks import build_task, format_training_text, list_tasks
+from .evaluation.multiple_choice import evaluate_task
+
+
+# --------------------------------------------------------------------------------------------- accuracy
+def compare_accuracy(model: Any, tokenizer: Any, tasks: list[str] | None = None, *, base_model: Any = None,
+                     limit: int | None = None, seed: int = 0, batch_size: int = 32) -> dict[str, Any]:
+    """Accuracy per task for the tuned model and the base model (``base_model``, or the tuned model with its
+    adapters disabled), and retention."""
+    names = tasks or list_tasks()
+
+    def score(m: Any) -> dict[str, float]:
+        return {n: evaluate_task(m, tokenizer, n, limit=limit, seed=seed, batch_size=batch_size).accuracy
+                for n in names}
+
+    tuned = score(model)
+    if base_model is not None:
+        base = score(base_model)
+    else:
+        with model.disable_adapter():
+            base = score(model)
+    return summarize(tuned, base)
+
+
+def summarize(tuned: dict[str, float], base: dict[str, float]) -> dict[str, Any]:
+    gen = [n for n in tuned if n.startswith("general/")]
+    down = [n for n in tuned if n.startswith("downstream/")]
+    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+    g_after, g_before = mean([tuned[n] for n in gen]), mean([base[n] for n in gen])
+    return {"tuned": tuned, "base": base, "general_after": g_after, "general_before": g_before,
+            "downstream_after": mean([tuned[n] for n in down]), "downstream_before": mean([base[n] for n in down]),
+            "retention": g_after / g_before if gen and g_before > 0 else float("nan")}
+
+
+def print_accuracy_table(summary: dict[str, Any], title: str = "accuracy") -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=title)
+    for col in ("task", "base", "tuned", "change"):
+        t.add_column(col, justify="left" if col == "task" else "right")
+    for n, after in summary["tuned"].items():
+        before = summary["base"][n]
+        t.add_row(n, f"{before:.3f}", f"{after:.3f}", f"{after - before:+.3f}")
+    t.add_row("general (mean)", f"{summary['general_before']:.3f}", f"{summary['general_after']:.3f}",
+              f"retention {summary['retention']:.3f}")
+    t.add_row("downstream (mean)", f"{summary['downstream_before']:.3f}", f"{summary['downstream_after']:.3f}",
+              f"{summary['downstream_after'] - summary['downstream_before']:+.3f}")
+    Console().print(t)
+
+
+# --------------------------------------------------------------------------------------------- routing
+def auroc(pos: torch.Tensor, neg: torch.Tensor) -> float:
+    """P(score of a positive > score of a negative), ties counting 1/2 (Mann-Whitney U with average ranks)."""
+    if pos.numel() == 0 or neg.numel() == 0:
+        return float("nan")
+    scores = torch.cat([pos, neg]).double()
+    order = scores.argsort()
+    ranks = torch.empty_like(scores)
+    ranks[order] = torch.arange(1, scores.numel() + 1, dtype=torch.double)
+    # average ranks over ties
+    uniq, inverse, counts = scores.unique(return_inverse=True, return_counts=True)
+    sums = torch.zeros(uniq.numel(), dtype=torch.double).index_add_(0, inverse, ranks)
+    ranks = (sums / counts)[inverse]
+    n_pos, n_neg = pos.numel(), neg.numel()
+    u = ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2
+    return float(u / (n_pos * n_neg))
+
+
+@dataclass
+class LayerRouting:
+    """Routing of one layer on general (G) vs downstream (D) inputs."""
+
+    identity_weight_general: float
+    identity_weight_downstream: float
+    ood_general: float
+    ood_downstream: float
+    flagged_general: float
+    flagged_downstream: float
+    auroc_token: float
+    auroc_sequence: float
+    expert_load: list[float] = field(default_factory=list)
+
+
+def _texts(kind: str, limit: int, seed: int) -> list[str]:
+    out = []
+    for name in list_tasks(kind):
+        out += [format_training_text(ex) for ex in build_task(name, seed=seed).test[:limit]]
+    return out
+
+
+def _collect(model: Any, tokenizer: Any, texts: list[str], batch_size: int) -> dict[str, dict[str, torch.Tensor]]:
+    acc: dict[str, dict[str, list[torch.Tensor]]] = {}
+    for start in range(0, len(texts), batch_size):
+        enc = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True)
+        recs = model.routing_records(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+        for name, rec in recs.items():
+            if not rec:
+                continue
+            a = acc.setdefault(name, {"identity_weight": [], "slots": [], "d": [], "u": [], "seq_u": []})
+            for k in ("identity_weight", "slots", "d"):
+                a[k].append(rec[k])
+            u = rec.get("u", rec["d"])
+            a["u"].append(u)
+            seq = rec["seq"]
+            n_seq = int(seq.max()) + 1
+            sums = torch.zeros(n_seq).index_add_(0, seq, u)
+            counts = torch.zeros(n_seq).index_add_(0, seq, torch.ones_like(u))
+            a["seq_u"].append(sums / counts.clamp_min(1))
+    return {name: {k: torch.cat(v) for k, v in a.items()} for name, a in acc.items()}
+
+
+def routing_report(model: Any, tokenizer: Any, *, limit: int = 100, seed: int = 0, batch_size: int = 32
+                   ) -> dict[str, LayerRouting]:
+    """Per-layer routing on held-out general vs downstream inputs (test items of the task suite)."""
+    if not hasattr(model, "routing_records"):
+        raise ValueError(f"{type(model).__name__} has no routing to report (plain LoRA/DoRA/full fine-tuning)")
+    g = _collect(model, tokenizer, _texts("general", limit, seed), batch_size)
+    d = _collect(model, tokenizer, _texts("downstream", limit, seed), batch_size)
+    out = {}
+    for name in g:
+        G, D = g[name], d[name]
+        slots = G["slots"].sum(0) + D["slots"].sum(0)
+        out[name] = LayerRouting(
+            identity_weight_general=float(G["identity_weight"].mean()),
+            identity_weight_downstream=float(D["identity_weight"].mean()),
+            ood_general=float(G["d"].mean()), ood_downstream=float(D["d"].mean()),
+            flagged_general=float((G["d"] > 0).float().mean()), flagged_downstream=float((D["d"] > 0).float().mean()),
+            auroc_token=auroc(G["u"], D["u"]), auroc_sequence=auroc(G["seq_u"], D["seq_u"]),
+            expert_load=(slots / slots.sum().clamp_min(1)).tolist(),
+        )
+    return out
+
+
+def short_name(name: str) -> str:
+    """'model.layers.3.mlp.up_proj' -> 'L3.up_proj' (tables and plots)."""
+    return re.sub(r"^.*?(?:layers|layer|h)\.(\d+)\.(?:mlp\.)?", r"L\1.", name)
+
+
+def print_routing_table(report: dict[str, LayerRouting]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="routing: general (G) vs downstream (D) inputs")
+    for col in ("layer", "id-weight G", "id-weight D", "d G", "d D", "flagged G", "flagged D", "AUROC tok",
+                "AUROC seq", "max load"):
+        t.add_column(col, justify="left" if col == "layer" else "right")
+    for name, r in report.items():
+        t.add_row(short_name(name), f"{r.identity_weight_general:.3f}", f"{r.identity_weight_downstream:.3f}",
+                  f"{r.ood_general:.3f}", f"{r.ood_downstream:.3f}", f"{r.flagged_general:.2f}",
+                  f"{r.flagged_downstream:.2f}", f"{r.auroc_token:.3f}", f"{r.auroc_sequence:.3f}",
+                  f"{max(r.expert_load):.2f}")
+    Console().print(t)
+
+
+def plot_routing(report: dict[str, LayerRouting], path: Path) -> Path:
+    """Heatmaps: per-layer routing measures, and expert load per layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report)
+    short = [short_name(n) for n in names]
+    cols = ["id-weight G", "id-weight D", "AUROC tok", "AUROC seq"]
+    m = torch.tensor([[r.identity_weight_general, r.identity_weight_downstream, r.auroc_token, r.auroc_sequence]
+                      for r in report.values()])
+    load = torch.tensor([r.expert_load for r in report.values()])
+    fig, axes = plt.subplots(1, 2, figsize=(12, 0.35 * len(names) + 2))
+    for ax, data, xlabels, title in ((axes[0], m, cols, "routing by input kind"),
+                                     (axes[1], load, [f"e{i}" for i in range(load.shape[1])], "expert load")):
+        im = ax.imshow(data.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1)
+        ax.set_yticks(range(len(short)), short, fontsize=7)
+        ax.set_xticks(range(len(xlabels)), xlabels, rotation=45, fontsize=7)
+        ax.set_title(title)
+        fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,279 @@
+"""Fine-tuning with the HuggingFace ``Trainer``: data, collator, callbacks, run directory.
+
+``Trainer`` underneath means the usual launchers work unchanged (``torchrun``, ``accelerate launch`` with DDP,
+FSDP or DeepSpeed configs). A run directory holds everything ``slim eval`` / ``slim inspect`` need:
+
+    RUN_DIR/run_config.json      resolved arguments, method config, data sizes, base model path
+    RUN_DIR/adapter/             the trained adapter (adapter_config.json + adapter_model.safetensors)
+    RUN_DIR/train_log.json       the Trainer's log history (loss, learning rate, ...)
+    RUN_DIR/checkpoints/         periodic Trainer checkpoints (safetensors, optimizer, RNG) for --resume
+    RUN_DIR/tb/                  TensorBoard logs
+
+Training data is either task names of the suite (``downstream`` = every downstream task) or a JSONL file of
+``{"prompt", "response"}`` / ``{"question", "choices", "answer"}`` records. The loss covers the answer tokens only
+(the prompt tokens are masked with -100), as in instruction tuning.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .data.jsonl import read_jsonl
+from .data.tasks import MCExample, build_task, format_generative, format_mc, list_tasks
+from .evaluation.multiple_choice import encode_pair
+
+logger = logging.getLogger("slimpeft")
+
+RUN_CONFIG = "run_config.json"
+ADAPTER_DIR = "adapter"
+
+
+@dataclass
+class TrainArgs:
+    """Arguments of ``slim train`` (also written, resolved, to RUN_DIR/run_config.json)."""
+
+    base: str = field(default="assets/base", metadata={"help": "base model folder (or a HF id where the Hub is "
+                                                                 "reachable)"})
+    method: str = field(default="slim", metadata={"help": "slim, lora, dora, mixlora, mixlora-dy, loramoe, mola, "
+                                                          "full"})
+    data: str = field(default="downstream", metadata={"help": "comma-separated task names, 'downstream', "
+                                                              "'general', or a .jsonl file"})
+    out: str = field(default="runs/slim", metadata={"help": "run directory"})
+    overrides: dict[str, Any] = field(default_factory=dict, metadata={"help": "method config overrides"})
+    steps: int = field(default=300, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=16, metadata={"help": "sequences per step and device"})
+    lr: float = field(default=2e-3, metadata={"help": "peak learning rate (AdamW, linear warm-up, cosine decay)"})
+    warmup_ratio: float = field(default=0.05, metadata={"help": "share of the steps spent warming up"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    max_length: int = field(default=128, metadata={"help": "longest training sequence; longer ones are cut, with "
+                                                           "a warning that counts them"})
+    seed: int = field(default=0, metadata={"help": "seed of initialisation, data order and task splits"})
+    save_steps: int = field(default=100, metadata={"help": "steps between checkpoints"})
+    logging_steps: int = field(default=10, metadata={"help": "steps between log lines"})
+    resume: bool = field(default=False, metadata={"help": "resume from the last checkpoint in RUN_DIR"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+
+    def validate(self) -> list[str]:
+        from . import methods
+
+        errs = []
+        if self.method not in methods.available():
+            errs.append(f"--method {self.method!r}: unknown; available: {', '.join(methods.available())}")
+        for name in ("steps", "batch_size", "max_length", "save_steps", "logging_steps"):
+            if getattr(self, name) <= 0:
+                errs.append(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        if not (0 < self.lr < 1):
+            errs.append(f"--lr must lie in (0, 1), got {self.lr}")
+        if not (0 <= self.warmup_ratio < 1):
+            errs.append(f"--warmup-ratio must lie in [0, 1), got {self.warmup_ratio}")
+        if not self.data.endswith(".jsonl"):
+            known = set(list_tasks()) | {"downstream", "general"}
+            bad = [t for t in self.data.split(",") if t not in known]
+            if bad:
+                errs.append(f"--data: unknown task(s) {bad}; known: downstream, general, {', '.join(list_tasks())} "
+                            "or a .jsonl file")
+        elif not Path(self.data).is_file():
+            errs.append(f"--data {self.data}: file not found")
+        if self.method in methods.available():
+            try:
+                methods.make_config(self.method, **self.overrides)
+            except (ValueError, TypeError) as e:
+                errs.append(f"--set: {e}")
+        return errs
+
+
+# ------------------------------------------------------------------------------------------------ data
+def training_examples(data: str, seed: int = 0) -> tuple[list, dict[str, int]]:
+    """Examples and per-source sizes for ``data`` (task names, 'downstream', 'general' or a JSONL path)."""
+    if data.endswith(".jsonl"):
+        examples = read_jsonl(data)
+        return examples, {data: len(examples)}
+    names: list[str] = []
+    for t in data.split(","):
+        names += list_tasks(t) if t in ("downstream", "general") else [t]
+    examples, sizes = [], {}
+    for name in names:
+        task = build_task(name, seed=seed)
+        examples += task.train
+        sizes[name] = len(task.train)
+    return examples, sizes
+
+
+def prompt_and_answer(example) -> tuple[str, str]:
+    if isinstance(example, MCExample):
+        prompt, conts = format_mc(example)
+        return prompt, conts[example.answer]
+    return format_generative(example)
+
+
+class SupervisedDataset(torch.utils.data.Dataset):
+    """Tokenised (prompt, answer, EOS) sequences; labels mask the prompt. Over-long sequences are cut from the left
+    of the prompt (the answer is kept) and counted in ``n_truncated``."""
+
+    def __init__(self, examples: list, tokenizer: Any, max_length: int) -> None:
+        self.items: list[dict[str, list[int]]] = []
+        self.n_truncated = 0
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        for ex in examples:
+            prompt, answer = prompt_and_answer(ex)
+            ctx, cont = encode_pair(tokenizer, prompt, answer)
+            cont = cont + eos
+            if len(ctx) + len(cont) > max_length:
+                self.n_truncated += 1
+                keep = max(max_length - len(cont), 1)
+                ctx, cont = ctx[-keep:], cont[: max_length - keep]
+            self.items.append({"input_ids": ctx + cont, "labels": [-100] * len(ctx) + cont})
+        if self.n_truncated:
+            logger.warning("%d of %d training records were longer than max_length=%d tokens and were cut",
+                           self.n_truncated, len(self.items), max_length)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, list[int]]:
+        return self.items[i]
+
+
+@dataclass
+class PadCollator:
+    pad_token_id: int
+
+    def __call__(self, batch: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        width = max(len(b["input_ids"]) for b in batch)
+        ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(batch), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, b in enumerate(batch):
+            n = len(b["input_ids"])
+            ids[row, :n] = torch.tensor(b["input_ids"])
+            labels[row, :n] = torch.tensor(b["labels"])
+            mask[row, :n] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+# ------------------------------------------------------------------------------------------------ model
+def load_base(path: str, dtype: torch.dtype = torch.float32):
+    """Base causal LM and tokenizer from a folder (offline) or a Hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not Path(path).exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise ValueError(f"base model {path!r}: no such folder (and the Hub is offline)")
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+def _callbacks(args: TrainArgs):
+    from transformers import TrainerCallback
+
+    class StepLog(TrainerCallback):
+        """A steady log line per logging step (nanoGPT style), and a stop on a non-finite loss."""
+
+        def __init__(self) -> None:
+            self.t0 = time.perf_counter()
+            self.tokens = 0
+
+        def on_log(self, targs, state, control, logs=None, **kw):
+            logs = logs or {}
+            if "loss" in logs:
+                loss = float(logs["loss"])
+                if not math.isfinite(loss):
+                    raise FloatingPointError(
+                        f"training loss became {loss} at step {state.global_step}: stopped; the last good "
+                        f"checkpoint is kept in {targs.output_dir}. Lower --lr or check the data.")
+                dt = time.perf_counter() - self.t0
+                logger.info("step %d | loss %.4f | lr %.2e | %.1f s", state.global_step, loss,
+                            float(logs.get("learning_rate", 0.0)), dt)
+
+    return [StepLog()]
+
+
+def train(args: TrainArgs) -> Path:
+    """Fine-tune ``args.base`` with ``args.method`` on ``args.data``; returns the run directory."""
+    from transformers import Trainer, TrainingArguments
+
+    from . import methods
+
+    errs = args.validate()
+    if errs:
+        raise ValueError("invalid training arguments:\n  " + "\n  ".join(errs))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if Path(args.base).exists():  # eval/inspect must find the base from any working directory
+        args.base = str(Path(args.base).resolve())
+    torch.manual_seed(args.seed)
+    base, tok = load_base(args.base)
+    examples, sizes = training_examples(args.data, seed=args.seed)
+    dataset = SupervisedDataset(examples, tok, args.max_length)
+    model = methods.build(args.method, base, **args.overrides)
+    trainable, total = model.get_nb_trainable_parameters()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cpu = not torch.cuda.is_available()
+    targs = TrainingArguments(
+        output_dir=str(out / "checkpoints"),
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=args.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=int(args.warmup_ratio * args.steps),
+        weight_decay=args.weight_decay,
+        logging_steps=args.logging_steps,
+        save_steps=args.save_steps,
+        save_total_limit=2,
+        seed=args.seed,
+        data_seed=args.seed,
+        report_to=["tensorboard"],
+        use_cpu=cpu,
+        ddp_backend="gloo" if (cpu and world > 1) else None,
+        remove_unused_columns=False,
+        disable_tqdm=not args.progress,
+        dataloader_num_workers=0,
+    )
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out / "tb"))
+    run_config = {"args": asdict(args), "method_config": _method_config(model), "data_sizes": sizes,
+                  "n_train": len(dataset), "n_truncated": dataset.n_truncated, "trainable_params": trainable,
+                  "total_params": total, "world_size": world}
+    trainer = Trainer(model=model, args=targs, train_dataset=dataset, data_collator=PadCollator(tok.pad_token_id),
+                      callbacks=_callbacks(args))
+    t0 = time.perf_counter()
+    resume = args.resume and any((out / "checkpoints").glob("checkpoint-*"))
+    trainer.train(resume_from_checkpoint=True if resume else None)
+    run_config["train_seconds"] = time.perf_counter() - t0
+    if trainer.is_world_process_zero():
+        model.save_pretrained(out / ADAPTER_DIR)
+        (out / "train_log.json").write_text(json.dumps(trainer.state.log_history, indent=2))
+        (out / RUN_CONFIG).write_text(json.dumps(run_config, indent=2, sort_keys=True, default=str))
+    return out
+
+
+def _method_config(model) -> dict[str, Any]:
+    cfg = getattr(model, "slim_config", None) or getattr(model, "method_config", None)
+    if cfg is None:
+        return {}
+    return cfg.to_dict() if hasattr(cfg, "to_dict") else asdict(cfg)
+
+
+def load_run(run_dir: str | Path):
+    """(tuned model in eval mode, tokenizer, run_config) of a run directory written by :func:`train`."""
+    from . import methods
+
+    run_dir = Path(run_dir)
+    cpath = run_dir / RUN_CONFIG
+    if not cpath.is_file():
+        raise ValueError(f"{run_dir}: not a run directory (no {RUN_CONFIG})")
+    cfg = json.loads(cpath.read_text())
+    base, tok = load_base(cfg["args"]["base"])
+    model = methods.load(cfg["args"]["method"], base, run_dir / ADAPTER_DIR)
+    model.eval()
+    return model, tok, cfg
