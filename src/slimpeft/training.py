@@ -208,14 +208,14 @@ def train(args: TrainArgs) -> Path:
     errs = args.validate()
     if errs:
         raise ValueError("invalid training arguments:\n  " + "\n  ".join(errs))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    examples, sizes = training_examples(args.data, seed=args.seed)  # bad data fails here, before anything is written
     if Path(args.base).exists():  # eval/inspect must find the base from any working directory
         args.base = str(Path(args.base).resolve())
     torch.manual_seed(args.seed)
     base, tok = load_base(args.base)
-    examples, sizes = training_examples(args.data, seed=args.seed)
     dataset = SupervisedDataset(examples, tok, args.max_length)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     model = methods.build(args.method, base, **args.overrides)
     trainable, total = model.get_nb_trainable_parameters()
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -1,0 +1,109 @@
+"""End to end through the `slim` CLI on a tiny base pretrained by the project's own recipe (seconds)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from slimpeft.cli import app
+
+runner = CliRunner(env={"COLUMNS": "200"})  # rich sizes tables by COLUMNS when not on a terminal
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory):
+    from slimpeft.pretrain import PretrainArgs, pretrain
+
+    out = tmp_path_factory.mktemp("tinybase")
+    return pretrain(PretrainArgs(out=str(out), vocab_size=400, hidden_size=32, intermediate_size=64, num_layers=2,
+                                 num_heads=2, steps=30, batch_size=16, lr=1e-2, warmup_steps=5, extra_nouns=0,
+                                 elements_repeat=1, eval_limit=2, log_every=10, progress=False, threads=0))
+
+
+@pytest.mark.parametrize("command, words", [
+    ([], ["pretrain", "train", "eval", "inspect", "bench"]),
+    (["train"], ["--method", "--data", "--set", "--resume", "--steps", "--out"]),
+    (["eval"], ["--tasks", "--harness", "--limit"]),
+    (["inspect"], ["--limit", "--png"]),
+    (["bench", "layer"], ["--quick", "--json"]),
+])
+def test_help_texts(command, words):
+    res = runner.invoke(app, [*command, "--help"], terminal_width=200)
+    assert res.exit_code == 0
+    for w in words:
+        assert w in res.output
+
+
+@pytest.fixture(scope="session")
+def slim_run(tiny_base, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "slim"
+    res = runner.invoke(app, ["train", "--base", str(tiny_base), "--out", str(out), "--steps", "4", "--save-steps",
+                              "2", "--batch-size", "8", "--set", "r=4", "--set", "n_clusters=4", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def test_train_writes_a_complete_run_directory(slim_run):
+    names = {p.name for p in slim_run.iterdir()}
+    assert {"adapter", "run_config.json", "train_log.json", "checkpoints", "tb"} <= names
+    assert {p.name for p in (slim_run / "adapter").iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
+    assert {p.name for p in (slim_run / "checkpoints").iterdir()} == {"checkpoint-2", "checkpoint-4"}
+    cfg = json.loads((slim_run / "run_config.json").read_text())
+    assert cfg["args"]["method"] == "slim" and cfg["args"]["steps"] == 4 and cfg["method_config"]["r"] == 4
+    assert cfg["trainable_params"] > 0 and set(cfg["data_sizes"]) == {
+        "downstream/foldoc-def", "downstream/jargon-def", "downstream/foldoc-yesno"}
+    log = json.loads((slim_run / "train_log.json").read_text())
+    assert log[-1]["step"] == 4 and log[-1]["train_loss"] > 0  # logging every 10 steps: the summary only
+    assert any((slim_run / "tb").rglob("events.out.tfevents.*"))
+
+
+def test_eval_prints_side_by_side_table_with_retention(slim_run):
+    res = runner.invoke(app, ["eval", str(slim_run), "--tasks", "general/wordnet-def,downstream/foldoc-def",
+                              "--limit", "6"], terminal_width=200)
+    assert res.exit_code == 0, res.output
+    for w in ("general/wordnet-def", "downstream/foldoc-def", "retention", "base", "tuned"):
+        assert w in res.output
+    summary = json.loads((slim_run / "eval.json").read_text())
+    assert set(summary["tuned"]) == {"general/wordnet-def", "downstream/foldoc-def"}
+    assert summary["retention"] == pytest.approx(summary["general_after"] / summary["general_before"])
+
+
+def test_inspect_writes_routing_table_and_heatmap(slim_run):
+    res = runner.invoke(app, ["inspect", str(slim_run), "--limit", "3"], terminal_width=200)
+    assert res.exit_code == 0, res.output
+    assert "AUROC" in res.output and "L0.gate_proj" in res.output
+    assert (slim_run / "routing.png").stat().st_size > 1000
+    report = json.loads((slim_run / "routing.json").read_text())
+    assert len(report) == 6  # 2 layers x gate/up/down
+    for r in report.values():
+        assert 0.0 <= r["auroc_sequence"] <= 1.0 and sum(r["expert_load"]) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("method", ["lora", "mixlora"])
+def test_train_other_methods(tiny_base, tmp_path, method):
+    out = tmp_path / method
+    res = runner.invoke(app, ["train", "--base", str(tiny_base), "--out", str(out), "--method", method, "--steps",
+                              "2", "--batch-size", "4", "--set", "r=4", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((out / "run_config.json").read_text())
+    assert cfg["args"]["method"] == method and (out / "adapter" / "adapter_config.json").is_file()
+
+
+def test_malformed_jsonl_fails_with_file_and_line_and_trains_nothing(tiny_base, tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "c", "response": \n')
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["train", "--base", str(tiny_base), "--out", str(out), "--data", str(data)])
+    assert res.exit_code == 2
+    assert f"{data}:2" in res.output
+    assert not out.exists()
+
+
+def test_invalid_arguments_are_all_reported(tiny_base, tmp_path):
+    res = runner.invoke(app, ["train", "--base", str(tiny_base), "--out", str(tmp_path / "r"), "--method", "nope",
+                              "--steps", "0", "--data", "downstream/nope"], terminal_width=200)
+    assert res.exit_code == 2
+    for w in ("--method 'nope': unknown", "--steps must be > 0", "--data: unknown task(s) ['downstream/nope']"):
+        assert w in res.output
