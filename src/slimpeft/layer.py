@@ -43,6 +43,15 @@ class RoutingContext:
         self.aux_losses = []
 
 
+def valid_token_mask(attention_mask: torch.Tensor | None, lead: torch.Size) -> torch.Tensor | None:
+    """(n,) bool mask of real tokens for inputs of leading shape (b, t), from a (b, t_total) attention mask; the last
+    t columns, so that it also holds with a KV cache. None when the mask does not fit (every token counts)."""
+    m = attention_mask
+    if m is None or m.dim() != 2 or len(lead) != 2 or m.shape[0] != lead[0] or m.shape[1] < lead[1]:
+        return None
+    return (m[:, -lead[1]:] > 0).reshape(-1)
+
+
 def base_shape(layer: nn.Module) -> tuple[int, int]:
     """(d_in, d_out) of an nn.Linear or a transformers Conv1D (whose weight is stored transposed, (i, o))."""
     if isinstance(layer, nn.Linear):
@@ -104,7 +113,7 @@ class SlimLinear(nn.Module):
         cfg = self.config
         lead = x.shape[:-1]
         xf = x.reshape(-1, self.d_in)  # (n, i)
-        valid = self._valid_mask(lead)  # (n,) bool or None
+        valid = valid_token_mask(self.ctx.attention_mask, lead)  # (n,) bool or None
         d = self._ood_score(xf, lead, valid)  # (n,) float32 or None
         ro = route(xf, self.router, "top_k", top_k=cfg.top_k, d=d, n_lora=cfg.n_lora_experts,
                    yield_strength=cfg.yield_strength)
@@ -119,12 +128,6 @@ class SlimLinear(nn.Module):
         return self.experts.l1_penalty()
 
     # ------------------------------------------------------------------------------------------ parts
-    def _valid_mask(self, lead: torch.Size) -> torch.Tensor | None:
-        m = self.ctx.attention_mask
-        if m is None or m.dim() != 2 or len(lead) != 2 or m.shape[0] != lead[0] or m.shape[1] < lead[1]:
-            return None
-        return (m[:, -lead[1]:] > 0).reshape(-1)  # (n,) the last t columns: works with a KV cache too
-
     @torch.no_grad()
     def _ood_score(self, xf: torch.Tensor, lead: torch.Size, valid: torch.Tensor | None) -> torch.Tensor | None:
         cfg, cl, ctx = self.config, self.clusters, self.ctx

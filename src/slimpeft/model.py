@@ -86,7 +86,7 @@ def resolve_targets(model: nn.Module, target_modules: str | list[str] | None) ->
     return names
 
 
-def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+def set_module(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, new)
@@ -103,20 +103,26 @@ class RoutingStats:
     n_tokens: int
 
 
-class SlimModel(nn.Module):
-    """A HuggingFace model with SLIM layers injected. Attributes it lacks are looked up on the base model."""
+class AdaptedModel(nn.Module):
+    """What every adapted model shares (SLIM and the MoE baselines): the wrapped base, the routing context captured
+    by a forward pre-hook, parameter counts, ``disable_adapter``, routing records and atomic saving.
 
-    def __init__(self, model: nn.Module, config: SlimConfig, layer_names: list[str]) -> None:
+    Subclasses set ``layer_type`` (the injected module class) and define ``aux_loss`` and ``save_pretrained``.
+    Attributes the wrapper lacks are looked up on the base model.
+    """
+
+    layer_type: type[nn.Module] = nn.Module
+
+    def __init__(self, model: nn.Module, layer_names: list[str], ctx: RoutingContext) -> None:
         super().__init__()
         self.base_model = model
-        self.slim_config = config
         self.layer_names = list(layer_names)
-        self.ctx = RoutingContext()
+        self.ctx = ctx
         self.last_aux: dict[str, float] = {}
-        for layer in self.slim_layers().values():
+        for layer in self.adapter_layers().values():
             layer.ctx = self.ctx
-        # a pre-hook, not SlimModel.forward, captures the attention mask: generate() calls the base model directly
-        model.register_forward_pre_hook(self._capture_context, with_kwargs=True)
+        # a pre-hook, not forward, captures the attention mask: generate() calls the base model directly
+        self._hook = model.register_forward_pre_hook(self._capture_context, with_kwargs=True)
 
     def _capture_context(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self.ctx.reset(kwargs.get("attention_mask"))
@@ -129,37 +135,31 @@ class SlimModel(nn.Module):
                 raise
             return getattr(self.base_model, name)
 
-    # ------------------------------------------------------------------------------------------ forward
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         out = self.base_model(*args, **kwargs)
         if self.training and getattr(out, "loss", None) is not None:
-            aux = self.aux_loss()
-            out.loss = out.loss + aux
+            out.loss = out.loss + self.aux_loss()
         return out
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         return self.base_model.generate(*args, **kwargs)
 
     def aux_loss(self) -> torch.Tensor:
-        """l1_weight * sum of the layers' size-normalised L1 penalties (+ any routing losses of this pass)."""
-        cfg = self.slim_config
+        """The routing losses of the last forward pass (already weighted by their coefficients)."""
         dev = next(self.parameters()).device
-        total = torch.zeros((), device=dev)
-        parts: dict[str, float] = {}
-        if cfg.l1_weight > 0:
-            l1 = sum(layer.l1_penalty() for layer in self.slim_layers().values())
-            total = total + cfg.l1_weight * l1
-            parts["l1"] = float(l1.detach())
-        if self.ctx.aux_losses:
-            routing = torch.stack(self.ctx.aux_losses).sum()
-            total = total + routing
-            parts["routing"] = float(routing.detach())
-        self.last_aux = parts
+        if not self.ctx.aux_losses:
+            self.last_aux = {}
+            return torch.zeros((), device=dev)
+        total = torch.stack([a.to(dev) for a in self.ctx.aux_losses]).sum()
+        self.last_aux = {"routing": float(total.detach())}
         return total
 
     # ------------------------------------------------------------------------------------------ inspection
-    def slim_layers(self) -> dict[str, SlimLinear]:
-        return {n: m for n, m in self.base_model.named_modules() if isinstance(m, SlimLinear)}
+    def adapter_layers(self) -> dict[str, nn.Module]:
+        return {n: m for n, m in self.base_model.named_modules() if isinstance(m, self.layer_type)}
+
+    def routed_layers(self) -> dict[str, nn.Module]:
+        return {n: m for n, m in self.adapter_layers().items() if getattr(m, "routes", True)}
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -172,7 +172,7 @@ class SlimModel(nn.Module):
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Inside the block the model is exactly the base model."""
-        layers = list(self.slim_layers().values())
+        layers = list(self.adapter_layers().values())
         before = [layer.disabled for layer in layers]
         for layer in layers:
             layer.disabled = True
@@ -184,15 +184,15 @@ class SlimModel(nn.Module):
 
     @torch.no_grad()
     def routing_records(self, **inputs: Any) -> dict[str, dict[str, torch.Tensor]]:
-        """Per-token routing facts of every layer for these inputs, in eval mode, with no state change."""
+        """Per-token routing facts of every routed layer for these inputs, in eval mode, with no state change."""
         was_training = self.training
-        layers = self.slim_layers()
+        layers = self.routed_layers()
         self.eval()
         self.ctx.record = True
         for layer in layers.values():
             layer.records = []
         try:
-            self.base_model(**inputs)
+            self(**inputs)
         finally:
             self.ctx.record = False
             self.train(was_training)
@@ -201,6 +201,51 @@ class SlimModel(nn.Module):
             recs, layer.records = layer.records, []
             out[name] = {k: torch.cat([r[k] for r in recs]) for k in recs[0]} if recs else {}
         return out
+
+    # ------------------------------------------------------------------------------------------ saving
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """Adapter tensors only (experts, routers, cluster buffers), no base weights."""
+        return {f"{name}.{k}": v.detach().contiguous().cpu()
+                for name, layer in self.adapter_layers().items()
+                for k, v in layer.state_dict().items() if not k.startswith("base_layer.")}
+
+    def _write(self, save_directory: str | os.PathLike, meta: dict[str, Any]) -> None:
+        """adapter_model.safetensors and adapter_config.json (sorted keys), each written atomically."""
+        path = Path(save_directory)
+        path.mkdir(parents=True, exist_ok=True)
+        meta = {**meta, "base_model_type": getattr(getattr(self.base_model, "config", None), "model_type", None)}
+        tensors = self.adapter_state_dict()
+        atomic_write(path / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+        atomic_write(path / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(meta, indent=2, sort_keys=True)))
+
+    def unload(self) -> nn.Module:
+        """Put the base layers back (the inverse of injection) and return the base model."""
+        for name in list(self.adapter_layers()):
+            set_module(self.base_model, name, self.base_model.get_submodule(name).base_layer)
+        self._hook.remove()
+        return self.base_model
+
+
+class SlimModel(AdaptedModel):
+    """A HuggingFace model with SLIM layers injected."""
+
+    layer_type = SlimLinear
+
+    def __init__(self, model: nn.Module, config: SlimConfig, layer_names: list[str]) -> None:
+        super().__init__(model, layer_names, RoutingContext())
+        self.slim_config = config
+
+    def aux_loss(self) -> torch.Tensor:
+        """l1_weight * sum of the layers' size-normalised L1 penalties (+ any routing losses of this pass)."""
+        total = super().aux_loss()
+        if self.slim_config.l1_weight > 0:
+            l1 = sum(layer.l1_penalty() for layer in self.slim_layers().values())
+            total = total + self.slim_config.l1_weight * l1
+            self.last_aux["l1"] = float(l1.detach())
+        return total
+
+    def slim_layers(self) -> dict[str, SlimLinear]:
+        return self.adapter_layers()
 
     def routing_stats(self, **inputs: Any) -> dict[str, RoutingStats]:
         """Routing of every adapted layer over the given inputs (same arguments as forward)."""
@@ -219,29 +264,15 @@ class SlimModel(nn.Module):
         return stats
 
     # ------------------------------------------------------------------------------------------ save / load
-    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """Adapter tensors only: experts, router and cluster buffers of every layer (no base weights)."""
-        out = {}
-        for name, layer in self.slim_layers().items():
-            for key, t in layer.state_dict().items():
-                if not key.startswith("base_layer."):
-                    out[f"{name}.{key}"] = t.detach().contiguous().cpu()
-        return out
-
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write adapter_config.json (sorted keys) and adapter_model.safetensors, each atomically."""
-        path = Path(save_directory)
-        path.mkdir(parents=True, exist_ok=True)
-        meta = {
+        layers = self.slim_layers()
+        self._write(save_directory, {
             "method": "slim",
             "config": self.slim_config.to_dict(),
-            "layers": {n: list(base_shape(layer.base_layer)) for n, layer in self.slim_layers().items()},
-            "mask_seeds": {n: layer.mask_seed for n, layer in self.slim_layers().items()},
-            "base_model_type": getattr(getattr(self.base_model, "config", None), "model_type", None),
-        }
-        tensors = self.adapter_state_dict()
-        _atomic_write(path / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-        _atomic_write(path / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(meta, indent=2, sort_keys=True)))
+            "layers": {n: list(base_shape(layer.base_layer)) for n, layer in layers.items()},
+            "mask_seeds": {n: layer.mask_seed for n, layer in layers.items()},
+        })
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, adapter_dir: str | os.PathLike, *, is_trainable: bool = False
@@ -262,7 +293,7 @@ class SlimModel(nn.Module):
         return slim
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -342,15 +373,6 @@ def _check_tensors(cfg: SlimConfig, layers: dict[str, list[int]], got: dict[str,
                                                          else ""))
 
 
-def unload(model: nn.Module, names: list[str]) -> nn.Module:
-    """Put the base layers back in place of SlimLinear layers (the inverse of inject)."""
-    for name in names:
-        mod = model.get_submodule(name)
-        if isinstance(mod, SlimLinear):
-            _set_module(model, name, mod.base_layer)
-    return model
-
-
 def inject(model: nn.Module, config: SlimConfig, names: list[str]) -> SlimModel:
     for p in model.parameters():
         p.requires_grad_(False)
@@ -359,7 +381,7 @@ def inject(model: nn.Module, config: SlimConfig, names: list[str]) -> SlimModel:
         layer = SlimLinear(base, config, name)
         weight = base.weight
         layer.to(weight.device)  # adapters stay float32 on the base's device
-        _set_module(model, name, layer)
+        set_module(model, name, layer)
     return SlimModel(model, config, names)
 
 

@@ -16,20 +16,18 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from ..experts import LoraExperts
-from ..layer import RoutingContext, base_shape, layer_seed
-from ..model import CONFIG_NAME, WEIGHTS_NAME, RoutingStats, _atomic_write
+from ..layer import RoutingContext, base_shape, layer_seed, valid_token_mask
+from ..model import CONFIG_NAME, WEIGHTS_NAME, AdaptedModel, RoutingStats
 from .config import MethodConfig
 
 
@@ -38,11 +36,6 @@ class MoeContext(RoutingContext):
     """RoutingContext plus LoRAMoE's per-sample type (b,), set from ``model(..., sample_type=...)``."""
 
     sample_type: torch.Tensor | None = None
-
-
-def set_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, new)
 
 
 def layer_index(name: str) -> int | None:
@@ -84,10 +77,7 @@ class AdapterModule(nn.Module):
     # ------------------------------------------------------------------ helpers for routed subclasses
     def valid_mask(self, lead: torch.Size) -> torch.Tensor | None:
         """(n,) bool real-token mask from the captured attention mask, or None (same rule as SlimLinear)."""
-        m = self.ctx.attention_mask
-        if m is None or m.dim() != 2 or len(lead) != 2 or m.shape[0] != lead[0] or m.shape[1] < lead[1]:
-            return None
-        return (m[:, -lead[1]:] > 0).reshape(-1)  # (n,) the last t columns: works with a KV cache too
+        return valid_token_mask(self.ctx.attention_mask, lead)
 
     @torch.no_grad()
     def record(self, weights: torch.Tensor, indices: torch.Tensor, n_experts: int, valid: torch.Tensor | None) -> None:
@@ -128,107 +118,28 @@ class LoraLinear(AdapterModule):
 Injector = Callable[[nn.Module, MethodConfig], list[str]]
 
 
-class MoeModel(nn.Module):
+class MoeModel(AdaptedModel):
     """A HuggingFace model with one baseline method's adapters injected. Missing attributes come from the base."""
 
+    layer_type = AdapterModule
+
     def __init__(self, model: nn.Module, method: str, config: MethodConfig, layer_names: list[str]) -> None:
-        super().__init__()
-        self.base_model = model
+        super().__init__(model, layer_names, MoeContext())
         self.method = method
         self.method_config = config
-        self.layer_names = list(layer_names)
-        self.ctx = MoeContext()
-        self.last_aux: dict[str, float] = {}
         self._sample_type: torch.Tensor | None = None
-        for layer in self.adapter_layers().values():
-            layer.ctx = self.ctx
-        # a pre-hook, not forward, captures the attention mask: generate() calls the base model directly
-        self._hook = model.register_forward_pre_hook(self._capture_context, with_kwargs=True)
 
     def _capture_context(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self.ctx.reset(kwargs.get("attention_mask"))
+        super()._capture_context(module, args, kwargs)
         self.ctx.sample_type = self._sample_type
 
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_model":
-                raise
-            return getattr(self.base_model, name)
-
-    # ------------------------------------------------------------------ forward
     def forward(self, *args: Any, sample_type: torch.Tensor | None = None, **kwargs: Any) -> Any:
         """The base model's forward. ``sample_type`` (b,) is LoRAMoE's per-sample type (ignored by the others)."""
         self._sample_type = sample_type
         try:
-            out = self.base_model(*args, **kwargs)
+            return super().forward(*args, **kwargs)
         finally:
             self._sample_type = None
-        if self.training and getattr(out, "loss", None) is not None:
-            out.loss = out.loss + self.aux_loss()
-        return out
-
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
-        return self.base_model.generate(*args, **kwargs)
-
-    def aux_loss(self) -> torch.Tensor:
-        """Sum of the routing losses of the last forward pass (already weighted by their coefficients)."""
-        dev = next(self.parameters()).device
-        if not self.ctx.aux_losses:
-            self.last_aux = {}
-            return torch.zeros((), device=dev)
-        total = torch.stack([a.to(dev) for a in self.ctx.aux_losses]).sum()
-        self.last_aux = {"routing": float(total.detach())}
-        return total
-
-    # ------------------------------------------------------------------ inspection
-    def adapter_layers(self) -> dict[str, AdapterModule]:
-        return {n: m for n, m in self.base_model.named_modules() if isinstance(m, AdapterModule)}
-
-    def routed_layers(self) -> dict[str, AdapterModule]:
-        return {n: m for n, m in self.adapter_layers().items() if m.routes}
-
-    def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        return trainable, sum(p.numel() for p in self.parameters())
-
-    def print_trainable_parameters(self) -> None:
-        t, a = self.get_nb_trainable_parameters()
-        print(f"trainable params: {t:,d} || all params: {a:,d} || trainable%: {100 * t / a:.4f}")
-
-    @contextmanager
-    def disable_adapter(self) -> Iterator[None]:
-        """Inside the block the model is exactly the base model."""
-        layers = list(self.adapter_layers().values())
-        before = [layer.disabled for layer in layers]
-        for layer in layers:
-            layer.disabled = True
-        try:
-            yield
-        finally:
-            for layer, b in zip(layers, before):
-                layer.disabled = b
-
-    @torch.no_grad()
-    def routing_records(self, **inputs: Any) -> dict[str, dict[str, torch.Tensor]]:
-        """Per-token slot counts and routing weights (n, e) of every routed layer, eval mode, no state change."""
-        was_training = self.training
-        layers = self.routed_layers()
-        self.eval()
-        self.ctx.record = True
-        for layer in layers.values():
-            layer.records = []
-        try:
-            self(**inputs)
-        finally:
-            self.ctx.record = False
-            self.train(was_training)
-        out = {}
-        for name, layer in layers.items():
-            recs, layer.records = layer.records, []
-            out[name] = {k: torch.cat([r[k] for r in recs]) for k in recs[0]} if recs else {}
-        return out
 
     def routing_stats(self, **inputs: Any) -> dict[str, RoutingStats]:
         """Expert usage of every routed layer (same report as SLIM; these methods have no identity experts or OOD
@@ -247,32 +158,13 @@ class MoeModel(nn.Module):
                                        ood_score=0.0, ood_flagged=0.0, n_tokens=int(rec["slots"].shape[0]))
         return stats
 
-    # ------------------------------------------------------------------ save / load
-    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """Adapter tensors only (experts, routers), no base weights."""
-        return {f"{name}.{k}": v.detach().contiguous().cpu()
-                for name, layer in self.adapter_layers().items() for k, v in layer.adapter_state_dict().items()}
-
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write adapter_config.json (sorted keys) and adapter_model.safetensors, each atomically."""
-        path = Path(save_directory)
-        path.mkdir(parents=True, exist_ok=True)
-        meta = {
+        self._write(save_directory, {
             "method": self.method,
             "config": self.method_config.to_dict(),
             "layers": {n: type(m).__name__ for n, m in self.adapter_layers().items()},
-            "base_model_type": getattr(getattr(self.base_model, "config", None), "model_type", None),
-        }
-        tensors = self.adapter_state_dict()
-        _atomic_write(path / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-        _atomic_write(path / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(meta, indent=2, sort_keys=True)))
-
-    def unload(self) -> nn.Module:
-        """Put the base layers back (the inverse of injection) and return the base model."""
-        for name in list(self.adapter_layers()):
-            set_module(self.base_model, name, self.base_model.get_submodule(name).base_layer)
-        self._hook.remove()
-        return self.base_model
+        })
 
 
 def read_method_dir(adapter_dir: str | os.PathLike, method: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

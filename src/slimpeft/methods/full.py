@@ -17,7 +17,7 @@ from typing import Any
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from ..model import CONFIG_NAME, WEIGHTS_NAME, _atomic_write
+from ..model import CONFIG_NAME, WEIGHTS_NAME, atomic_write
 from .config import FullConfig
 
 
@@ -59,8 +59,8 @@ class FullModel(nn.Module):
         path.mkdir(parents=True, exist_ok=True)
         meta = {"method": "full", "config": self.method_config.to_dict(),
                 "base_model_type": getattr(getattr(self.base_model, "config", None), "model_type", None)}
-        _atomic_write(path / WEIGHTS_NAME, lambda p: save_model(self.base_model, p, metadata={"format": "pt"}))
-        _atomic_write(path / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(meta, indent=2, sort_keys=True)))
+        atomic_write(path / WEIGHTS_NAME, lambda p: save_model(self.base_model, p, metadata={"format": "pt"}))
+        atomic_write(path / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(meta, indent=2, sort_keys=True)))
 
 
 def build_full(model: nn.Module, config: FullConfig) -> FullModel:

@@ -35,9 +35,9 @@ from torch import nn
 
 from ..experts import LoraExperts
 from ..layer import base_shape
-from ..model import resolve_targets
+from ..model import resolve_targets, set_module
 from ..router import route
-from .common import AdapterModule, LoraLinear, MoeModel, freeze, seeded_generator, set_module
+from .common import AdapterModule, LoraLinear, MoeModel, freeze, seeded_generator
 from .config import MixLoraConfig, MixLoraDyConfig
 
 # FFN structures MixLoRA knows: (kind, the block's linear layers in data-flow order)

@@ -26,9 +26,9 @@ from torch import nn
 
 from ..experts import LoraExperts
 from ..layer import base_shape
-from ..model import resolve_targets
+from ..model import resolve_targets, set_module
 from ..router import route
-from .common import AdapterModule, MoeModel, freeze, kaiming_router, layer_index, seeded_generator, set_module
+from .common import AdapterModule, MoeModel, freeze, kaiming_router, layer_index, seeded_generator
 from .config import MolaConfig
 
 
