@@ -1,7 +1,8 @@
 """Speed benchmarks, measured side by side in one run (ratios, never absolute targets in tests).
 
 * layer:   forward + backward of one adapted linear layer at a realistic shape (d_in 2048, d_out 5632, 2048
-           tokens): frozen base, SLIM (8 x r16, top-2, 2 identity experts), PEFT LoRA of rank 8 x 16 = 128.
+           tokens): frozen base, SLIM (8 x r16, top-2, 2 identity experts), PEFT LoRA of rank 8 x 16 = 128, and the
+           per-linear MoE baselines on the same expert engine (LoRAMoE: dense over 8 x r16; MoLA: top-2 of 8 x r16).
 * masking: fast row/column masking vs exact DARE masking of ``B A`` for one r=16 expert at 4096 x 11008
            (the physical floor of their ratio is i*o / (r (i + o)) ~ 186).
 
@@ -21,6 +22,9 @@ from torch import nn
 from ..config import SlimConfig
 from ..layer import SlimLinear
 from ..masking import apply_fast_masks, dare_delta, dare_mask, fast_masks
+from ..methods.config import LoraMoeConfig, MolaConfig
+from ..methods.loramoe import LoraMoeLinear
+from ..methods.mola import MolaLinear
 from .timing import interleaved_medians
 
 
@@ -65,13 +69,20 @@ def layer_benchmark(shape: LayerShape, *, dtype: torch.dtype = torch.float32, re
     holder.lin.load_state_dict(base.state_dict())
     lora = get_peft_model(holder, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["lin"])).train()
     lora_layer = lora.base_model.model.lin
+    loramoe = LoraMoeLinear(base, "bench", LoraMoeConfig(n_experts=cfg.n_lora_experts, r=cfg.r)).train()
+    mola = MolaLinear(base, "bench", MolaConfig(r=cfg.r), n_experts=cfg.n_lora_experts).train()
+    for m in (loramoe, mola):
+        with torch.no_grad():
+            m.experts.lora_B.normal_(0.0, 0.01)
     x = torch.randn(shape.n_tokens, shape.d_in, dtype=dtype, requires_grad=True)
     g = torch.randn(shape.n_tokens, shape.d_out, dtype=dtype)
     t = interleaved_medians({"base": _fwd_bwd(base, x, g), "slim": _fwd_bwd(slim, x, g),
-                             f"lora{rank}": _fwd_bwd(lora_layer, x, g)}, reps=reps)
+                             f"lora{rank}": _fwd_bwd(lora_layer, x, g), "loramoe": _fwd_bwd(loramoe, x, g),
+                             "mola_top2": _fwd_bwd(mola, x, g)}, reps=reps)
     return {**{f"{k}_s": v for k, v in t.items()},
             "slim_over_base": t["slim"] / t["base"], f"slim_over_lora{rank}": t["slim"] / t[f"lora{rank}"],
-            f"lora{rank}_over_base": t[f"lora{rank}"] / t["base"]}
+            f"lora{rank}_over_base": t[f"lora{rank}"] / t["base"], "loramoe_over_base": t["loramoe"] / t["base"],
+            "mola_top2_over_base": t["mola_top2"] / t["base"]}
 
 
 def masking_benchmark(d_in: int = 4096, d_out: int = 11008, r: int = 16, p: float = 0.2, reps: int = 5
