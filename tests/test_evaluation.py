@@ -28,6 +28,15 @@ TEXTS = [
 ] * 20
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """One torch thread: on a shared 2-core machine two threads per process are ~10x slower (oversubscription)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     return train_tokenizer(TEXTS, vocab_size=300)
@@ -147,7 +156,6 @@ def test_evaluate_task_limit_and_chance(tokenizer, tiny_llama):
 
 
 def test_harness_agrees_with_our_scorer(tokenizer, tiny_llama, tmp_path):
-    pytest.importorskip("lm_eval")
     from slimpeft.evaluation.harness import harness_name, run_harness, write_harness_tasks
 
     names = write_harness_tasks(tmp_path / "yaml", ["general/elements"], limit=5)

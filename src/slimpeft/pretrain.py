@@ -54,6 +54,7 @@ class PretrainArgs:
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     extra_nouns: int = field(default=2000, metadata={"help": "extra WordNet definition statements in the corpus"})
     elements_repeat: int = field(default=4, metadata={"help": "times the (small) periodic-table text is repeated"})
+    arithmetic_repeat: int = field(default=1, metadata={"help": "times the addition Q/A text is repeated"})
     threads: int = field(
         default=1, metadata={"help": "torch CPU threads (1 avoids oversubscribing a shared CPU; 0 = torch default)"}
     )
@@ -74,12 +75,15 @@ class PretrainArgs:
             raise ValueError(f"PretrainArgs.lr must be in (0, 1), got {self.lr}")
 
 
-def general_corpus(seed: int = 0, extra_nouns: int = 2000, elements_repeat: int = 4) -> dict[str, list[str]]:
+def general_corpus(
+    seed: int = 0, extra_nouns: int = 2000, elements_repeat: int = 4, arithmetic_repeat: int = 1
+) -> dict[str, list[str]]:
     """The pretraining texts by source: Q/A of each general task's train split, and the plain statements."""
     corpus: dict[str, list[str]] = {}
+    repeats = {"general/elements": elements_repeat, "general/arithmetic": arithmetic_repeat}
     for name in list_tasks("general"):
         texts = [format_training_text(ex) for ex in build_task(name, seed=seed).train]
-        corpus[name] = texts * (elements_repeat if name == "general/elements" else 1)
+        corpus[name] = texts * repeats.get(name, 1)
     statements = general_statements(extra_nouns=extra_nouns)
     element_statements = [s for s in statements if "symbol" in s]
     corpus["statements"] = statements + element_statements * (elements_repeat - 1)
@@ -174,7 +178,7 @@ def _pretrain(args: PretrainArgs) -> Path:
     random.seed(args.seed)
     torch.manual_seed(args.seed)
 
-    corpus = general_corpus(args.seed, args.extra_nouns, args.elements_repeat)
+    corpus = general_corpus(args.seed, args.extra_nouns, args.elements_repeat, args.arithmetic_repeat)
     texts = [t for source in corpus.values() for t in source]
     tokenizer = train_tokenizer(texts, args.vocab_size)
     eos = tokenizer.eos_token_id
