@@ -53,7 +53,8 @@ def test_train_writes_a_complete_run_directory(slim_run):
     cfg = json.loads((slim_run / "run_config.json").read_text())
     assert cfg["args"]["method"] == "slim" and cfg["args"]["steps"] == 4 and cfg["method_config"]["r"] == 4
     assert cfg["trainable_params"] > 0 and set(cfg["data_sizes"]) == {
-        "downstream/foldoc-def", "downstream/jargon-def", "downstream/foldoc-yesno"}
+        "downstream/foldoc-def", "downstream/jargon-def", "downstream/foldoc-yesno", "documents"}
+    assert cfg["n_train"] == sum(cfg["data_sizes"].values())
     log = json.loads((slim_run / "train_log.json").read_text())
     assert log[-1]["step"] == 4 and log[-1]["train_loss"] > 0  # logging every 10 steps: the summary only
     assert any((slim_run / "tb").rglob("events.out.tfevents.*"))

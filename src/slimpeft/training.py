@@ -93,19 +93,28 @@ class TrainArgs:
 
 # ------------------------------------------------------------------------------------------------ data
 def training_examples(data: str, seed: int = 0) -> tuple[list, dict[str, int]]:
-    """Examples and per-source sizes for ``data`` (task names, 'downstream', 'general' or a JSONL path)."""
+    """Examples and per-source sizes for ``data`` (task names, 'downstream', 'general' or a JSONL path).
+
+    Tasks contribute their training Q/A and their ``documents`` (plain statements of the task's facts, as the
+    general facts were stated in pretraining), each document once even when several tasks share it.
+    """
     if data.endswith(".jsonl"):
         examples = read_jsonl(data)
         return examples, {data: len(examples)}
     names: list[str] = []
     for t in data.split(","):
         names += list_tasks(t) if t in ("downstream", "general") else [t]
-    examples, sizes = [], {}
+    examples: list = []
+    documents: dict[str, None] = {}
+    sizes = {}
     for name in names:
         task = build_task(name, seed=seed)
         examples += task.train
+        documents.update(dict.fromkeys(task.documents))
         sizes[name] = len(task.train)
-    return examples, sizes
+    if documents:
+        sizes["documents"] = len(documents)
+    return examples + list(documents), sizes
 
 
 def prompt_and_answer(example) -> tuple[str, str]:
@@ -116,14 +125,21 @@ def prompt_and_answer(example) -> tuple[str, str]:
 
 
 class SupervisedDataset(torch.utils.data.Dataset):
-    """Tokenised (prompt, answer, EOS) sequences; labels mask the prompt. Over-long sequences are cut from the left
-    of the prompt (the answer is kept) and counted in ``n_truncated``."""
+    """Tokenised (prompt, answer, EOS) sequences whose labels mask the prompt, and plain documents (+ EOS) whose
+    labels are all their tokens. Over-long Q/A is cut from the left of the prompt (the answer is kept), over-long
+    documents from the right; both are counted in ``n_truncated``."""
 
     def __init__(self, examples: list, tokenizer: Any, max_length: int) -> None:
         self.items: list[dict[str, list[int]]] = []
         self.n_truncated = 0
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         for ex in examples:
+            if isinstance(ex, str):  # a plain document: the loss covers every token
+                full = tokenizer(ex, add_special_tokens=False)["input_ids"]
+                ids = full[: max_length - len(eos)] + eos
+                self.n_truncated += len(full) + len(eos) > max_length
+                self.items.append({"input_ids": ids, "labels": list(ids)})
+                continue
             prompt, answer = prompt_and_answer(ex)
             ctx, cont = encode_pair(tokenizer, prompt, answer)
             cont = cont + eos

@@ -129,6 +129,12 @@ class Task:
     n_choices: int = field(metadata={"help": "choices per example (0 for generative tasks)"})
     description: str = field(default="", metadata={"help": "one line: what the task asks and where it comes from"})
     seed: int = field(default=0, metadata={"help": "seed of the split"})
+    documents: list[str] = field(
+        default_factory=list,
+        metadata={"help": "plain-text statements of the task's facts, test facts included (downstream tasks): the new "
+                  "knowledge that fine-tuning must take in, stated the way pretraining stated the general facts; "
+                  "the Q/A of the test items is never trained on"},
+    )
 
     @property
     def chance(self) -> float:
@@ -144,7 +150,7 @@ WORDNET_POOL = 3000  # common nouns used by the two WordNet tasks
 GENERAL_TEST = 200
 ELEMENTS_TEST = 100
 DOWNSTREAM_TEST = 200
-DOWNSTREAM_TRAIN_MAX = 2000
+DOWNSTREAM_FACTS = 600  # facts per downstream source: 200 asked at test, 400 with training Q/A; all stated
 
 WORD_FOR = "What is the word for: {}?"
 
@@ -314,12 +320,41 @@ def jargon_pool() -> tuple[debian.Definition, ...]:
     return tuple(_downstream_pool(debian.jargon_definitions(), set(_wordnet_noun_lemmas())))
 
 
+def _facts(name: str, pool: Sequence[debian.Definition], seed: int) -> list[debian.Definition]:
+    """A seeded sample of DOWNSTREAM_FACTS facts of a downstream source (the same for every task built on it)."""
+    rng = _rng(f"{name}/facts", seed)
+    return rng.sample(list(pool), min(DOWNSTREAM_FACTS, len(pool)))
+
+
+def _lower_first(text: str) -> str:
+    """'A large number' -> 'a large number'; acronyms and names ('NeXT', 'St Andrews') keep their case."""
+    return text[:1].lower() + text[1:] if len(text) > 1 and text[1].islower() else text
+
+
+def _statements(facts: Sequence[debian.Definition]) -> list[str]:
+    """Each fact stated as pretraining stated the general ones ("The word for ... is ..."), and dictionary-style."""
+    out = []
+    for d in facts:
+        out.append(f"The word for {_lower_first(d.definition)} is {d.term}.")
+        out.append(f"{d.term}: {d.definition}")
+    return out
+
+
+def _def_split(name: str, pool: Sequence[debian.Definition], seed: int
+               ) -> tuple[list[debian.Definition], list[debian.Definition]]:
+    facts = _facts(name, pool, seed)
+    rng = _rng(f"{name}/split", seed)
+    return _split(facts, DOWNSTREAM_TEST, rng)
+
+
 def _def_task(name: str, pool: Sequence[debian.Definition], seed: int, description: str) -> Task:
+    train_facts, test_facts = _def_split(name, pool, seed)
     rng = _rng(name, seed)
     terms = [d.term for d in pool]
-    items = [_mc(rng, WORD_FOR.format(d.definition), d.term, terms) for d in pool]
-    train, test = _split(items, DOWNSTREAM_TEST, rng)
-    return Task(name, "downstream", train[:DOWNSTREAM_TRAIN_MAX], test, 4, description, seed)
+    train = [_mc(rng, WORD_FOR.format(_lower_first(d.definition)), d.term, terms) for d in train_facts]
+    test = [_mc(rng, WORD_FOR.format(_lower_first(d.definition)), d.term, terms) for d in test_facts]
+    return Task(name, "downstream", train, test, 4, description, seed,
+                documents=_statements(train_facts + test_facts))
 
 
 def _foldoc_def(seed: int) -> Task:
@@ -343,17 +378,13 @@ def _yesno_items(rng: random.Random, defs: Sequence[debian.Definition]) -> list[
 
 def _foldoc_yesno(seed: int) -> Task:
     name = "downstream/foldoc-yesno"
-    # The same term split as downstream/foldoc-def: its test terms are this task's test terms.
-    pool = foldoc_pool()
-    split_rng = _rng("downstream/foldoc-def", seed)
-    terms = [d.term for d in pool]
-    for d in pool:  # consume the rng exactly as _def_task does, to reproduce its split
-        _mc(split_rng, "", d.term, terms)
-    train_defs, test_defs = _split(list(pool), DOWNSTREAM_TEST, split_rng)
+    # The same facts and split as downstream/foldoc-def: its test terms are this task's test terms.
+    train_defs, test_defs = _def_split("downstream/foldoc-def", foldoc_pool(), seed)
     rng = _rng(name, seed)
-    train = _yesno_items(rng, train_defs[:DOWNSTREAM_TRAIN_MAX])
+    train = _yesno_items(rng, train_defs)
     test = _yesno_items(rng, test_defs)
-    return Task(name, "downstream", train, test, 2, "does this FOLDOC definition match this term? (yes/no)", seed)
+    return Task(name, "downstream", train, test, 2, "does this FOLDOC definition match this term? (yes/no)", seed,
+                documents=_statements(train_defs + test_defs))
 
 
 _BUILDERS: dict[str, Callable[[int], Task]] = {
@@ -384,7 +415,8 @@ def build_task(name: str, seed: int = 0) -> Task:
     if name not in _BUILDERS:
         raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(_BUILDERS)}")
     task = _build_cached(name, seed)
-    return Task(task.name, task.kind, list(task.train), list(task.test), task.n_choices, task.description, seed)
+    return Task(task.name, task.kind, list(task.train), list(task.test), task.n_choices, task.description, seed,
+                documents=list(task.documents))
 
 
 # ------------------------------------------------------------------------------------------- general corpus
