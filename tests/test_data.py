@@ -28,9 +28,9 @@ EXPECTED_SIZES = {
     "general/wordnet-hypernym": (2800, 200, 4),
     "general/elements": (248, 100, 4),
     "general/arithmetic": (9800, 200, 4),
-    "downstream/foldoc-def": (400, 200, 4),
-    "downstream/jargon-def": (400, 200, 4),
-    "downstream/foldoc-yesno": (400, 200, 2),
+    "downstream/foldoc-def": (200, 100, 4),
+    "downstream/jargon-def": (200, 100, 4),
+    "downstream/foldoc-yesno": (200, 100, 2),
 }
 
 

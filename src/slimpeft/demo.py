@@ -19,13 +19,14 @@ from .data.tasks import list_tasks
 from .report import compare_accuracy
 from .training import TrainArgs, load_base, load_run, train
 
-# The SLIM variant the demo runs: sequence-pooled, standardized out-of-domain score shared from the first adapted
-# layer (see BENCHMARKS.md for why; the paper-faithful per-token variant is `slim train` with no --set).
-SLIM_DEMO = {"ood_pooling": "sequence", "ood_score": "standardized", "ood_source": "first", "yield_strength": 4.0}
+# The SLIM variant the demo runs: each layer routes on its own clusters' score, pooled over the sequence and standardized
+# by the in-domain spread, with a strong yield -- the variant whose score separated general from downstream inputs
+# best (`python -m slimpeft.bench separation`, BENCHMARKS.md). The per-token default is `slim train` with no --set.
+SLIM_DEMO = {"ood_pooling": "sequence", "ood_score": "standardized", "yield_strength": 8.0}
 
 
-def run_demo(base: str = "assets/base", out: str = "runs/demo", steps: int = 300, limit: int | None = 100,
-             lr: float = 2e-3, seed: int = 0) -> dict:
+def run_demo(base: str = "assets/base", out: str = "runs/demo", steps: int = 400, limit: int | None = 100,
+             lr: float = 5e-3, seed: int = 0) -> dict:
     from . import methods
 
     base_model, _ = load_base(base)
@@ -88,9 +89,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m slimpeft.demo", description=__doc__.split("\n")[0])
     ap.add_argument("--base", default="assets/base", help="base model folder")
     ap.add_argument("--out", default="runs/demo", help="output folder")
-    ap.add_argument("--steps", type=int, default=300, help="training steps per method")
+    ap.add_argument("--steps", type=int, default=400, help="training steps per method")
     ap.add_argument("--limit", type=int, default=100, help="test items per task (0 = all)")
-    ap.add_argument("--lr", type=float, default=2e-3, help="learning rate (both methods)")
+    ap.add_argument("--lr", type=float, default=5e-3, help="learning rate (both methods)")
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     run_demo(a.base, a.out, a.steps, a.limit or None, a.lr)

@@ -149,8 +149,8 @@ class Task:
 WORDNET_POOL = 3000  # common nouns used by the two WordNet tasks
 GENERAL_TEST = 200
 ELEMENTS_TEST = 100
-DOWNSTREAM_TEST = 200
-DOWNSTREAM_FACTS = 600  # facts per downstream source: 200 asked at test, 400 with training Q/A; all stated
+DOWNSTREAM_TEST = 100
+DOWNSTREAM_FACTS = 300  # facts per downstream source: 100 asked at test, 200 with training Q/A; all stated
 
 WORD_FOR = "What is the word for: {}?"
 
