@@ -23,7 +23,7 @@ def tiny_base(tmp_path_factory):
 
 
 @pytest.mark.parametrize("command, words", [
-    ([], ["pretrain", "train", "eval", "inspect", "bench"]),
+    ([], ["pretrain", "data", "train", "eval", "inspect", "bench"]),
     (["train"], ["--method", "--data", "--set", "--resume", "--steps", "--out"]),
     (["eval"], ["--tasks", "--harness", "--limit"]),
     (["inspect"], ["--limit", "--png"]),
@@ -108,3 +108,16 @@ def test_invalid_arguments_are_all_reported(tiny_base, tmp_path):
     assert res.exit_code == 2
     for w in ("--method 'nope': unknown", "--steps must be > 0", "--data: unknown task(s) ['downstream/nope']"):
         assert w in res.output
+
+
+def test_data_command_writes_the_suite_with_sizes(tmp_path):
+    from slimpeft.data.jsonl import read_jsonl
+
+    res = runner.invoke(app, ["data", "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    sizes = json.loads((tmp_path / "sizes.json").read_text())["tasks"]
+    assert sizes["downstream/foldoc-def"] == {"train": 200, "test": 100, "documents": 600, "chance": 0.25,
+                                              "kind": "downstream"}
+    for name, sz in sizes.items():
+        assert len(read_jsonl(tmp_path / name / "test.jsonl")) == sz["test"]
+    assert "downstream/jargon-def: train 200, test 100, documents 600" in res.output

@@ -1,6 +1,7 @@
 """``slim``: the command-line face of slimpeft (a thin layer over functions that tests and benchmarks call).
 
     slim pretrain --out assets/base                      rebuild the shipped base model
+    slim data --out data                                 the task suite as JSONL, with sizes
     slim train --method slim --data downstream --out runs/slim
     slim eval runs/slim [--tasks ...] [--harness ...]    accuracy before/after, retention
     slim inspect runs/slim                               per-layer routing report + PNG heatmap
@@ -65,6 +66,33 @@ def pretrain(
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
     typer.echo(f"base model written to {path}")
+
+
+@app.command()
+def data(
+    out: Annotated[str, typer.Option(help="output folder")] = "data",
+    seed: Annotated[int, typer.Option(help="seed of the splits")] = 0,
+) -> None:
+    """Build the task suite from the Debian files: TASK/train.jsonl, test.jsonl, documents.txt and sizes.json."""
+    from .data.jsonl import write_jsonl
+    from .data.tasks import build_task, list_tasks
+
+    sizes = {}
+    try:
+        for name in list_tasks():
+            task = build_task(name, seed=seed)
+            folder = Path(out) / name
+            folder.mkdir(parents=True, exist_ok=True)
+            write_jsonl(task.train, folder / "train.jsonl")
+            write_jsonl(task.test, folder / "test.jsonl")
+            if task.documents:
+                (folder / "documents.txt").write_text("\n".join(task.documents) + "\n")
+            sizes[name] = {**task.sizes, "documents": len(task.documents), "chance": task.chance, "kind": task.kind}
+    except FileNotFoundError as e:  # names the Debian package to install
+        _fail(str(e))
+    (Path(out) / "sizes.json").write_text(json.dumps({"seed": seed, "tasks": sizes}, indent=2, sort_keys=True))
+    for name, sz in sizes.items():
+        typer.echo(f"{name}: train {sz['train']}, test {sz['test']}, documents {sz['documents']}")
 
 
 @app.command()
