@@ -305,36 +305,44 @@ def atomic_write(path: Path, write) -> None:
         raise
 
 
-def read_adapter(adapter_dir: str | os.PathLike) -> tuple[SlimConfig, dict[str, list[int]], dict[str, torch.Tensor]]:
-    """Read and validate an adapter directory with JSON + safetensors only (never pickle)."""
+def read_method_dir(adapter_dir: str | os.PathLike, method: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """adapter_config.json and adapter_model.safetensors of ``method``, read with JSON + safetensors only."""
     d = Path(adapter_dir)
     cpath, wpath = d / CONFIG_NAME, d / WEIGHTS_NAME
     for p in (cpath, wpath):
         if not p.is_file():
-            raise ValueError(f"{p}: missing; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+            raise ValueError(f"{p}: missing; a saved {method!r} directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
     try:
         meta = json.loads(cpath.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{cpath}: not valid JSON ({e})") from None
-    if not isinstance(meta, dict) or meta.get("method") != "slim":
-        raise ValueError(f"{cpath}: `method` is {meta.get('method') if isinstance(meta, dict) else None!r}; "
-                         "expected 'slim'")
+    if not isinstance(meta, dict) or meta.get("method") != method:
+        got = meta.get("method") if isinstance(meta, dict) else None
+        raise ValueError(f"{cpath}: `method` is {got!r}; expected {method!r} "
+                         f"(load it with methods.load({got!r}, ...))")
+    if not isinstance(meta.get("config"), dict):
+        raise ValueError(f"{cpath}: `config` must be an object of config fields")
+    try:
+        with safe_open(str(wpath), framework="pt", device="cpu") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
+        raise ValueError(f"{wpath}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+    return meta, tensors
+
+
+def read_adapter(adapter_dir: str | os.PathLike) -> tuple[SlimConfig, dict[str, list[int]], dict[str, torch.Tensor]]:
+    """Read and validate a SLIM adapter directory with JSON + safetensors only (never pickle)."""
+    meta, tensors = read_method_dir(adapter_dir, "slim")
+    cpath = Path(adapter_dir) / CONFIG_NAME
     unknown = sorted(set(meta) - {"method", "config", "layers", "mask_seeds", "base_model_type"})
     if unknown:
         raise ValueError(f"{cpath}: unknown top-level field(s) {unknown}")
-    if not isinstance(meta.get("config"), dict):
-        raise ValueError(f"{cpath}: `config` must be an object of SlimConfig fields")
     cfg = SlimConfig.from_dict(meta["config"], where=str(cpath))
     layers = meta.get("layers")
     if (not isinstance(layers, dict) or not layers
             or not all(isinstance(v, list) and len(v) == 2 and all(isinstance(i, int) for i in v)
                        for v in layers.values())):
         raise ValueError(f"{cpath}: `layers` must map layer names to [d_in, d_out]")
-    try:
-        with safe_open(str(wpath), framework="pt", device="cpu") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
-        raise ValueError(f"{wpath}: not a readable safetensors file ({type(e).__name__}: {e})") from None
     return cfg, layers, tensors
 
 

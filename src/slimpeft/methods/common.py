@@ -13,7 +13,6 @@ o = d_out, r rank.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Callable
@@ -22,12 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from ..experts import LoraExperts
 from ..layer import RoutingContext, base_shape, layer_seed, valid_token_mask
-from ..model import CONFIG_NAME, WEIGHTS_NAME, AdaptedModel, RoutingStats
+from ..model import CONFIG_NAME, AdaptedModel, RoutingStats, read_method_dir
 from .config import MethodConfig
 
 
@@ -165,31 +163,6 @@ class MoeModel(AdaptedModel):
             "config": self.method_config.to_dict(),
             "layers": {n: type(m).__name__ for n, m in self.adapter_layers().items()},
         })
-
-
-def read_method_dir(adapter_dir: str | os.PathLike, method: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """adapter_config.json and adapter_model.safetensors of ``method``, read with JSON + safetensors only."""
-    d = Path(adapter_dir)
-    cpath, wpath = d / CONFIG_NAME, d / WEIGHTS_NAME
-    for p in (cpath, wpath):
-        if not p.is_file():
-            raise ValueError(f"{p}: missing; a saved {method!r} directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
-    try:
-        meta = json.loads(cpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{cpath}: not valid JSON ({e})") from None
-    if not isinstance(meta, dict) or meta.get("method") != method:
-        got = meta.get("method") if isinstance(meta, dict) else None
-        raise ValueError(f"{cpath}: `method` is {got!r}; expected {method!r} "
-                         f"(load it with methods.load({got!r}, ...))")
-    if not isinstance(meta.get("config"), dict):
-        raise ValueError(f"{cpath}: `config` must be an object of config fields")
-    try:
-        with safe_open(str(wpath), framework="pt", device="cpu") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
-        raise ValueError(f"{wpath}: not a readable safetensors file ({type(e).__name__}: {e})") from None
-    return meta, tensors
 
 
 def load_moe(model: nn.Module, adapter_dir: str | os.PathLike, method: str, config_cls: type[MethodConfig],

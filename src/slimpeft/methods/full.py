@@ -70,7 +70,7 @@ def build_full(model: nn.Module, config: FullConfig) -> FullModel:
 
 
 def load_full(model: nn.Module, adapter_dir: str | os.PathLike, *, is_trainable: bool = False) -> FullModel:
-    from .common import read_method_dir
+    from ..model import read_method_dir
 
     meta, tensors = read_method_dir(adapter_dir, "full")
     cfg = FullConfig.from_dict(meta["config"], where=str(Path(adapter_dir) / CONFIG_NAME))
