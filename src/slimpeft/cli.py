@@ -27,7 +27,8 @@ app.add_typer(bench_app, name="bench")
 
 def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1") if Path("assets/base").exists() else None
+    if Path("assets/base").exists():  # inside the project checkout: never reach for the Hub
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def _parse_set(values: list[str]) -> dict:
@@ -222,7 +223,10 @@ def bench_layer(
     from .bench.speed import print_layer_table, run_layer_bench
 
     result = run_layer_bench(quick=quick, out=Path(out))
-    typer.echo(json.dumps(result, sort_keys=True)) if as_json else print_layer_table(result)
+    if as_json:
+        typer.echo(json.dumps(result, sort_keys=True))
+    else:
+        print_layer_table(result)
 
 
 def main() -> None:

@@ -21,7 +21,10 @@ def main() -> None:
         from .speed import print_layer_table, run_layer_bench
 
         result = run_layer_bench(quick=a.quick, out=a.out or Path("results/speed/layer.json"))
-        print(json.dumps(result, sort_keys=True)) if a.json else print_layer_table(result)
+        if a.json:
+            print(json.dumps(result, sort_keys=True))
+        else:
+            print_layer_table(result)
     else:
         from .separation import run
 
