@@ -103,19 +103,48 @@ class RoutingStats:
     n_tokens: int
 
 
-class AdaptedModel(nn.Module):
+class ModelWrapper(nn.Module):
+    """A wrapped HuggingFace model: attributes the wrapper lacks are looked up on ``base_model``; forward and
+    generate go to it; parameter counts as PEFT reports them. Base of every method's model."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.base_model = model
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model.generate(*args, **kwargs)
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)  # tied weights counted once
+        return trainable, sum(p.numel() for p in self.parameters())
+
+    def print_trainable_parameters(self) -> None:
+        t, a = self.get_nb_trainable_parameters()
+        print(f"trainable params: {t:,d} || all params: {a:,d} || trainable%: {100 * t / a:.4f}")
+
+
+class AdaptedModel(ModelWrapper):
     """What every adapted model shares (SLIM and the MoE baselines): the wrapped base, the routing context captured
     by a forward pre-hook, parameter counts, ``disable_adapter``, routing records and atomic saving.
 
-    Subclasses set ``layer_type`` (the injected module class) and define ``aux_loss`` and ``save_pretrained``.
-    Attributes the wrapper lacks are looked up on the base model.
+    Subclasses set ``layer_type`` (the injected module class) and define ``save_pretrained``.
     """
 
     layer_type: type[nn.Module] = nn.Module
 
     def __init__(self, model: nn.Module, layer_names: list[str], ctx: RoutingContext) -> None:
-        super().__init__()
-        self.base_model = model
+        super().__init__(model)
         self.layer_names = list(layer_names)
         self.ctx = ctx
         self.last_aux: dict[str, float] = {}
@@ -127,22 +156,11 @@ class AdaptedModel(nn.Module):
     def _capture_context(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self.ctx.reset(kwargs.get("attention_mask"))
 
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_model":
-                raise
-            return getattr(self.base_model, name)
-
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        out = self.base_model(*args, **kwargs)
+        out = super().forward(*args, **kwargs)
         if self.training and getattr(out, "loss", None) is not None:
             out.loss = out.loss + self.aux_loss()
         return out
-
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
-        return self.base_model.generate(*args, **kwargs)
 
     def aux_loss(self) -> torch.Tensor:
         """The routing losses of the last forward pass (already weighted by their coefficients)."""
@@ -160,14 +178,6 @@ class AdaptedModel(nn.Module):
 
     def routed_layers(self) -> dict[str, nn.Module]:
         return {n: m for n, m in self.adapter_layers().items() if getattr(m, "routes", True)}
-
-    def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        return trainable, sum(p.numel() for p in self.parameters())
-
-    def print_trainable_parameters(self) -> None:
-        t, a = self.get_nb_trainable_parameters()
-        print(f"trainable params: {t:,d} || all params: {a:,d} || trainable%: {100 * t / a:.4f}")
 
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:

@@ -12,42 +12,22 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from ..model import CONFIG_NAME, WEIGHTS_NAME, atomic_write
+from ..model import CONFIG_NAME, WEIGHTS_NAME, ModelWrapper, atomic_write
 from .config import FullConfig
 
 
-class FullModel(nn.Module):
+class FullModel(ModelWrapper):
     """The base model, all parameters trainable, with the methods' common save/inspection interface."""
 
     method = "full"
 
     def __init__(self, model: nn.Module, config: FullConfig | None = None) -> None:
-        super().__init__()
-        self.base_model = model
+        super().__init__(model)
         self.method_config = config or FullConfig()
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_model":
-                raise
-            return getattr(self.base_model, name)
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.base_model(*args, **kwargs)
-
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
-        return self.base_model.generate(*args, **kwargs)
-
-    def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)  # tied weights counted once
-        return trainable, sum(p.numel() for p in self.parameters())
 
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:
