@@ -26,6 +26,7 @@ from torch import nn
 from ..experts import LoraExperts
 from ..layer import RoutingContext, base_shape, layer_seed, valid_token_mask
 from ..model import CONFIG_NAME, AdaptedModel, RoutingStats, read_method_dir
+from ..router import RouterOutput
 from .config import MethodConfig
 
 
@@ -88,6 +89,42 @@ class AdapterModule(nn.Module):
         if valid is not None:
             rec = {k: v[valid] for k, v in rec.items()}
         self.records.append({k: v.cpu() for k, v in rec.items()})
+
+
+class RoutedLinear(AdapterModule):
+    """A frozen linear layer plus e LoRA experts and its own router (LoRAMoE, MoLA).
+
+    Subclasses choose the routing in ``route`` (which also appends their auxiliary loss in training) and the
+    expert dispatch in ``dispatch``; construction, masking of padding, recording and the output contract are here.
+    """
+
+    routes = True
+    dispatch = "auto"
+
+    def __init__(self, base_layer: nn.Module, name: str, config: MethodConfig, n_experts: int) -> None:
+        super().__init__(base_layer, name)
+        self.config = config
+        self.n_experts = n_experts
+        self.d_in, self.d_out = base_shape(base_layer)
+        g = seeded_generator(config.seed, name)
+        self.experts = LoraExperts(n_experts, self.d_in, self.d_out, config.r, config.alpha, generator=g)
+        self.router = nn.Parameter(kaiming_router(n_experts, self.d_in, g))  # (e, i), as nn.Linear's init
+
+    def route(self, xf: torch.Tensor, lead: torch.Size, valid: torch.Tensor | None) -> RouterOutput:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return result
+        lead = x.shape[:-1]
+        xf = x.reshape(-1, self.d_in)  # (n, i)
+        valid = self.valid_mask(lead)
+        ro = self.route(xf, lead, valid)  # weights / indices (n, k)
+        y = self.experts(xf, ro.weights, ro.indices, dispatch=self.dispatch)  # (n, o)
+        if self.ctx.record:
+            self.record(ro.weights, ro.indices, self.n_experts, valid)
+        return result + y.view(*lead, self.d_out).to(result.dtype)
 
 
 class LoraLinear(AdapterModule):

@@ -33,11 +33,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..experts import LoraExperts
 from ..layer import base_shape
 from ..model import resolve_targets, set_module
-from ..router import route
-from .common import AdapterModule, MoeModel, freeze, kaiming_router, seeded_generator
+from ..router import RouterOutput, route
+from .common import MoeModel, RoutedLinear, freeze
 from .config import LoraMoeConfig
 
 
@@ -58,34 +57,21 @@ def group_weights(sample_type: torch.Tensor, n_experts: int, delta: float) -> to
     return torch.where(st < 0, torch.ones_like(z), z)
 
 
-class LoraMoeLinear(AdapterModule):
+class LoraMoeLinear(RoutedLinear):
     """A frozen linear layer plus e LoRA experts mixed densely by a softmax router."""
 
-    routes = True
     dense_routing = True
+    dispatch = "dense"
 
     def __init__(self, base_layer: nn.Module, name: str, config: LoraMoeConfig) -> None:
-        super().__init__(base_layer, name)
-        self.config = config
-        self.d_in, self.d_out = base_shape(base_layer)
-        g = seeded_generator(config.seed, name)
-        self.experts = LoraExperts(config.n_experts, self.d_in, self.d_out, config.r, config.alpha, generator=g)
-        self.router = nn.Parameter(kaiming_router(config.n_experts, self.d_in, g))  # (e, i), as LoRAMoE's nn.Linear
+        super().__init__(base_layer, name, config, config.n_experts)
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
-        if self.disabled:
-            return result
-        cfg, lead = self.config, x.shape[:-1]
-        xf = x.reshape(-1, self.d_in)  # (n, i)
-        valid = self.valid_mask(lead)
+    def route(self, xf: torch.Tensor, lead: torch.Size, valid: torch.Tensor | None) -> RouterOutput:
+        cfg = self.config
         ro = route(xf, self.router, "dense")  # weights (n, e) = softmax, indices (n, e) = 0..e-1
-        y = self.experts(xf, ro.weights, ro.indices, dispatch="dense")  # (n, o)
         if self.training and cfg.balance_coef > 0:
             self.ctx.aux_losses.append(cfg.balance_coef * self.balance_loss(ro.weights, lead, valid))
-        if self.ctx.record:
-            self.record(ro.weights, ro.indices, cfg.n_experts, valid)
-        return result + y.view(*lead, self.d_out).to(result.dtype)
+        return ro
 
     def balance_loss(self, weights: torch.Tensor, lead: torch.Size, valid: torch.Tensor | None) -> torch.Tensor:
         """Unweighted localized balancing constraint Var(Z Q) / Mean(Z Q)^2 of this layer's routing."""

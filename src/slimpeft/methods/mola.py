@@ -24,11 +24,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..experts import LoraExperts
 from ..layer import base_shape
 from ..model import resolve_targets, set_module
-from ..router import route
-from .common import AdapterModule, MoeModel, freeze, kaiming_router, layer_index, seeded_generator
+from ..router import RouterOutput, route
+from .common import MoeModel, RoutedLinear, freeze, layer_index
 from .config import MolaConfig
 
 
@@ -45,36 +44,21 @@ def experts_per_layer(model: nn.Module, names: list[str], schedule: list[int]) -
     return {n: schedule[min(i * G // n_layers, G - 1)] for n, i in idx.items()}
 
 
-class MolaLinear(AdapterModule):
+class MolaLinear(RoutedLinear):
     """A frozen linear layer plus e_l LoRA experts and an own top-k router."""
 
-    routes = True
     dense_routing = False
 
     def __init__(self, base_layer: nn.Module, name: str, config: MolaConfig, n_experts: int) -> None:
-        super().__init__(base_layer, name)
-        self.config = config
-        self.n_experts = n_experts
-        self.d_in, self.d_out = base_shape(base_layer)
-        g = seeded_generator(config.seed, name)
-        self.experts = LoraExperts(n_experts, self.d_in, self.d_out, config.r, config.alpha, generator=g)
-        self.router = nn.Parameter(kaiming_router(n_experts, self.d_in, g))  # (e_l, i), nn.Linear's init
+        super().__init__(base_layer, name, config, n_experts)
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
-        if self.disabled:
-            return result
-        cfg, lead = self.config, x.shape[:-1]
-        xf = x.reshape(-1, self.d_in)  # (n, i)
-        valid = self.valid_mask(lead)
+    def route(self, xf: torch.Tensor, lead: torch.Size, valid: torch.Tensor | None) -> RouterOutput:
+        cfg = self.config
         coef = cfg.balance_coef if self.training else 0.0
         ro = route(xf, self.router, "top_k", top_k=cfg.top_k, balance_coef=coef, valid=valid)  # (n, k) each
         if coef > 0:
             self.ctx.aux_losses.append(ro.aux_loss)
-        y = self.experts(xf, ro.weights, ro.indices)  # (n, o)
-        if self.ctx.record:
-            self.record(ro.weights, ro.indices, self.n_experts, valid)
-        return result + y.view(*lead, self.d_out).to(result.dtype)
+        return ro
 
 
 def build_mola(model: nn.Module, config: MolaConfig) -> MoeModel:
