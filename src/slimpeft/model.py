@@ -315,6 +315,14 @@ def atomic_write(path: Path, write) -> None:
         raise
 
 
+def read_json(path: Path) -> Any:
+    """A JSON file's content; ValueError naming the file when it is not valid JSON."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
 def read_method_dir(adapter_dir: str | os.PathLike, method: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """adapter_config.json and adapter_model.safetensors of ``method``, read with JSON + safetensors only."""
     d = Path(adapter_dir)
@@ -322,10 +330,7 @@ def read_method_dir(adapter_dir: str | os.PathLike, method: str) -> tuple[dict[s
     for p in (cpath, wpath):
         if not p.is_file():
             raise ValueError(f"{p}: missing; a saved {method!r} directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
-    try:
-        meta = json.loads(cpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{cpath}: not valid JSON ({e})") from None
+    meta = read_json(cpath)
     if not isinstance(meta, dict) or meta.get("method") != method:
         got = meta.get("method") if isinstance(meta, dict) else None
         raise ValueError(f"{cpath}: `method` is {got!r}; expected {method!r} "

@@ -11,7 +11,6 @@ adapter_model.safetensors) and ``PeftModel.from_pretrained``.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from ..layer import base_shape
-from ..model import CONFIG_NAME, resolve_targets
+from ..model import CONFIG_NAME, read_json, resolve_targets
 from .config import LoraMethodConfig
 
 
@@ -41,10 +40,7 @@ def load_peft_lora(model: nn.Module, adapter_dir: str | os.PathLike, *, use_dora
     cpath = Path(adapter_dir) / CONFIG_NAME
     if not cpath.is_file():
         raise ValueError(f"{cpath}: missing; a saved {method!r} directory holds peft's {CONFIG_NAME}")
-    try:
-        meta = json.loads(cpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{cpath}: not valid JSON ({e})") from None
+    meta = read_json(cpath)
     if not isinstance(meta, dict) or meta.get("peft_type") != "LORA" or bool(meta.get("use_dora")) != use_dora:
         got = meta.get("method") if isinstance(meta, dict) and "method" in meta else (
             ("dora" if meta.get("use_dora") else "lora") if isinstance(meta, dict) and meta.get("peft_type") == "LORA"
