@@ -13,6 +13,7 @@ exact names or dotted suffixes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -159,7 +160,13 @@ class AdaptedModel(ModelWrapper):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         out = super().forward(*args, **kwargs)
         if self.training and getattr(out, "loss", None) is not None:
-            out.loss = out.loss + self.aux_loss()
+            aux = self.aux_loss()
+            if kwargs.get("num_items_in_batch") is not None:
+                # transformers' Trainer divides the task loss by the token count of all ranks and multiplies it by the
+                # number of processes (DDP then averages gradients); the aux loss, one term per model, is divided by
+                # the same factor so that its gradient and the logged loss equal a single process's
+                aux = aux / _num_processes()
+            out.loss = out.loss + aux
         return out
 
     def aux_loss(self) -> torch.Tensor:
@@ -226,6 +233,7 @@ class AdaptedModel(ModelWrapper):
         meta = {**meta, "base_model_type": getattr(getattr(self.base_model, "config", None), "model_type", None)}
         tensors = self.adapter_state_dict()
         atomic_write(path / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+        meta["weights_sha256"] = file_sha256(path / WEIGHTS_NAME)  # checked last on loading: tampered bytes show
         atomic_write(path / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(meta, indent=2, sort_keys=True)))
 
     def unload(self) -> nn.Module:
@@ -291,6 +299,7 @@ class SlimModel(AdaptedModel):
         cfg, layers, tensors = read_adapter(adapter_dir)
         check_compatible(model, layers, adapter_dir)
         _check_tensors(cfg, layers, tensors, adapter_dir)
+        verify_checksum(adapter_dir)
         slim = inject(model, cfg, list(layers))
         for name, layer in slim.slim_layers().items():
             prefix = name + "."
@@ -301,6 +310,19 @@ class SlimModel(AdaptedModel):
             for p in slim.parameters():
                 p.requires_grad_(False)
         return slim
+
+
+def _num_processes() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def atomic_write(path: Path, write) -> None:
@@ -345,11 +367,21 @@ def read_method_dir(adapter_dir: str | os.PathLike, method: str) -> tuple[dict[s
     return meta, tensors
 
 
+def verify_checksum(adapter_dir: str | os.PathLike) -> None:
+    """The weights file must hash to the ``weights_sha256`` its config records (adapters saved before checksums were
+    recorded have none and pass). Called after the structural checks, whose messages are more specific."""
+    d = Path(adapter_dir)
+    expected = read_json(d / CONFIG_NAME).get("weights_sha256")
+    if expected is not None and expected != file_sha256(d / WEIGHTS_NAME):
+        raise ValueError(f"{d / WEIGHTS_NAME}: SHA-256 differs from `weights_sha256` in {CONFIG_NAME}: the weights "
+                         "file was changed or damaged after saving (nothing was loaded); save the adapter again")
+
+
 def read_adapter(adapter_dir: str | os.PathLike) -> tuple[SlimConfig, dict[str, list[int]], dict[str, torch.Tensor]]:
     """Read and validate a SLIM adapter directory with JSON + safetensors only (never pickle)."""
     meta, tensors = read_method_dir(adapter_dir, "slim")
     cpath = Path(adapter_dir) / CONFIG_NAME
-    unknown = sorted(set(meta) - {"method", "config", "layers", "mask_seeds", "base_model_type"})
+    unknown = sorted(set(meta) - {"method", "config", "layers", "mask_seeds", "base_model_type", "weights_sha256"})
     if unknown:
         raise ValueError(f"{cpath}: unknown top-level field(s) {unknown}")
     cfg = SlimConfig.from_dict(meta["config"], where=str(cpath))
