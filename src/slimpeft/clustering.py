@@ -39,6 +39,20 @@ def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _all_gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """The rows (n_r, i) of every rank concatenated in rank order; x itself outside torch.distributed."""
+    if not _distributed():
+        return x
+    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device))
+    width = int(max(s.item() for s in sizes))
+    padded = torch.zeros(width, *x.shape[1:], dtype=x.dtype, device=x.device)
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
+
+
 class SlidingClusters(nn.Module):
     """EMA clusters over a layer's inputs and the calibrated out-of-domain score computed from them."""
 
@@ -91,7 +105,11 @@ class SlidingClusters(nn.Module):
     # ----------------------------------------------------------------- training-time updates
     @torch.no_grad()
     def initialize(self, x: torch.Tensor) -> None:
-        """Centres := c tokens of the first batch (seeded draw), variances := the batch's channel variances."""
+        """Centres := c tokens of the first batch (seeded draw), variances := the batch's channel variances.
+
+        Under torch.distributed the first batch is the global one (every rank's tokens gathered in rank order), so
+        the clusters start as a single process's would on the same global batch."""
+        x = _all_gather_rows(x)
         n, c = x.shape[0], self.centers.shape[0]
         g = torch.Generator(device="cpu").manual_seed(self.seed)
         idx = torch.randperm(n, generator=g)[:c] if n >= c else torch.randint(n, (c,), generator=g)
