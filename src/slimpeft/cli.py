@@ -110,9 +110,14 @@ def train(
     max_length: Annotated[int, typer.Option(help="longest sequence in tokens")] = 128,
     seed: Annotated[int, typer.Option(help="seed")] = 0,
     save_steps: Annotated[int, typer.Option(help="steps between checkpoints")] = 100,
+    logging_steps: Annotated[int, typer.Option(help="steps between log lines (train_log.json)")] = 10,
+    sync_check_steps: Annotated[int, typer.Option(help="under torchrun/accelerate: every N steps check that all "
+                                                       "ranks hold identical parameters and buffers (0 = never)")
+                                ] = 0,
     set_: Annotated[list[str] | None, typer.Option("--set", help="method config override key=value "
                                                       "(repeatable), e.g. --set r=8 --set yield_strength=4")] = None,
-    resume: Annotated[bool, typer.Option(help="resume from the last checkpoint in the run directory")] = False,
+    resume: Annotated[bool, typer.Option(help="resume from the last complete checkpoint in the run directory")
+                      ] = False,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
     """Fine-tune a base model with one method; writes the adapter, config, logs and checkpoints to OUT."""
@@ -122,7 +127,7 @@ def train(
     _setup_logging()
     args = TrainArgs(base=base, method=method, data=data, out=out, overrides=_parse_set(set_ or []), steps=steps,
                      batch_size=batch_size, lr=lr, max_length=max_length, seed=seed, save_steps=save_steps,
-                     resume=resume, progress=progress)
+                     logging_steps=logging_steps, sync_check_steps=sync_check_steps, resume=resume, progress=progress)
     errs = args.validate()
     if errs:
         _fail("invalid arguments:\n  " + "\n  ".join(errs))
@@ -154,7 +159,10 @@ def eval_(
         _fail(f"--tasks: unknown {unknown}; known: {', '.join(list_tasks())}")
     path = Path(run_dir)
     if (path / RUN_CONFIG).is_file():
-        model, tok, cfg = load_run(path)
+        try:
+            model, tok, cfg = load_run(path)
+        except ValueError as e:  # a damaged or mismatched adapter: say what and where, write nothing
+            _fail(str(e))
         base_model, _ = load_base(cfg["args"]["base"])
         summary = compare_accuracy(model, tok, names, base_model=base_model.eval(), limit=limit)
         print_accuracy_table(summary, title=f"{cfg['args']['method']}: base vs tuned ({path})")
