@@ -50,3 +50,14 @@ def model_output(model, ids: torch.Tensor, mask: torch.Tensor | None = None) -> 
 def ids() -> torch.Tensor:
     g = torch.Generator().manual_seed(123)
     return torch.randint(3, 97, (3, 12), generator=g)
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory):
+    """A tiny base model pretrained by the project's own recipe (tokenizer included), once per session."""
+    from slimpeft.pretrain import PretrainArgs, pretrain
+
+    out = tmp_path_factory.mktemp("tinybase")
+    return pretrain(PretrainArgs(out=str(out), vocab_size=400, hidden_size=32, intermediate_size=64, num_layers=2,
+                                 num_heads=2, steps=30, batch_size=16, lr=1e-2, warmup_steps=5, extra_nouns=0,
+                                 elements_repeat=1, eval_limit=2, log_every=10, progress=False, threads=0))

@@ -12,16 +12,6 @@ from slimpeft.cli import app
 runner = CliRunner(env={"COLUMNS": "200"})  # rich sizes tables by COLUMNS when not on a terminal
 
 
-@pytest.fixture(scope="session")
-def tiny_base(tmp_path_factory):
-    from slimpeft.pretrain import PretrainArgs, pretrain
-
-    out = tmp_path_factory.mktemp("tinybase")
-    return pretrain(PretrainArgs(out=str(out), vocab_size=400, hidden_size=32, intermediate_size=64, num_layers=2,
-                                 num_heads=2, steps=30, batch_size=16, lr=1e-2, warmup_steps=5, extra_nouns=0,
-                                 elements_repeat=1, eval_limit=2, log_every=10, progress=False, threads=0))
-
-
 @pytest.mark.parametrize("command, words", [
     ([], ["pretrain", "data", "train", "eval", "inspect", "bench"]),
     (["train"], ["--method", "--data", "--set", "--resume", "--steps", "--out"]),

@@ -258,6 +258,24 @@ def test_generate_with_kv_cache_runs_through_the_adapter(ids):
     assert torch.equal(out, again)
 
 
+def test_max_source_carries_the_running_maximum(ids):
+    # yield_strength 0: d does not change the routing, so both models see identical layer inputs
+    cfg = dict(**SMALL, ood_pooling="sequence", ood_score="standardized", threshold_std=0.0, yield_strength=0.0)
+    own = get_slim_model(tiny_llama(), SlimConfig(**cfg))
+    carried = get_slim_model(tiny_llama(), SlimConfig(**cfg, ood_source="max"))
+    for m in (own, carried):
+        torch.manual_seed(0)  # the same training masks
+        _train_steps(m, ids, n=2)
+    rec_own = own.routing_records(input_ids=ids + 0, attention_mask=torch.ones_like(ids))
+    rec_max = carried.routing_records(input_ids=ids + 0, attention_mask=torch.ones_like(ids))
+    running = None
+    for name in rec_own:  # forward order
+        d_own, d_max = rec_own[name]["d"], rec_max[name]["d"]
+        running = d_own if running is None else torch.maximum(running, d_own)
+        torch.testing.assert_close(d_max, running)
+    assert (running > rec_own[next(iter(rec_own))]["d"]).any()  # the maximum did carry something
+
+
 def test_first_layer_score_is_shared(ids):
     model = get_slim_model(tiny_llama(), SlimConfig(**SMALL, ood_source="first", ood_pooling="sequence",
                                                     ood_score="standardized"))

@@ -6,6 +6,7 @@
     slim eval runs/slim [--tasks ...] [--harness ...]    accuracy before/after, retention
     slim inspect runs/slim                               per-layer routing report + PNG heatmap
     slim bench layer [--quick] [--json]                  layer / masking speed, side by side
+    slim bench forgetting --profile quick|full           learning vs forgetting of every method
 """
 
 from __future__ import annotations
@@ -235,6 +236,27 @@ def bench_layer(
         typer.echo(json.dumps(result, sort_keys=True))
     else:
         print_layer_table(result)
+
+
+@bench_app.command("forgetting")
+def bench_forgetting(
+    profile: Annotated[str, typer.Option(help="quick (~20 min on 2 CPU cores: one seed, MDS) or full (3 seeds, LR "
+                                              "grid, SDS, every ablation)")] = "quick",
+    base: Annotated[str, typer.Option(help="base model folder")] = "assets/base",
+    out: Annotated[str, typer.Option(help="results folder (records/, summary.json, pareto.png); existing "
+                                          "records are kept and not measured again")] = "results/forgetting",
+    methods: Annotated[str, typer.Option(help="comma-separated methods (default: all eight)")] = "",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="list the planned runs and exit")] = False,
+) -> None:
+    """Learning vs forgetting of SLIM and every baseline (MDS/SDS, seeds, LR grid, ablations, Pareto plot)."""
+    from .bench.forgetting import METHODS, run_benchmark
+
+    _setup_logging()
+    chosen = [m.strip() for m in methods.split(",") if m.strip()] or list(METHODS)
+    try:
+        run_benchmark(profile, base=base, out=out, methods_=chosen, dry_run=dry_run, log=typer.echo)
+    except ValueError as e:
+        _fail(str(e))
 
 
 def main() -> None:

@@ -35,7 +35,7 @@ MaskMode = Literal["fast", "dare", "none"]
 InferenceMask = Literal["fixed", "none"]
 OodScore = Literal["paper", "calibrated", "standardized"]
 OodPooling = Literal["token", "sequence", "causal"]
-OodSource = Literal["own", "first"]
+OodSource = Literal["own", "first", "max"]
 
 
 @dataclass
@@ -86,7 +86,9 @@ class SlimConfig:
     ood_source: OodSource = field(
         default="own",
         metadata={"help": "'own': each layer uses its own clusters' score; 'first': every layer uses the score "
-                  "of the first adapted layer that runs."},
+                  "of the first adapted layer that runs; 'max': each layer uses the maximum of its own score and "
+                  "the scores of the adapted layers that ran before it in the same forward pass (an input flagged "
+                  "out-of-domain once stays on the identity experts in every later layer)."},
     )
     yield_strength: float = field(
         default=1.0,

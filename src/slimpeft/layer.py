@@ -31,15 +31,17 @@ class RoutingContext:
     """State shared by all adapted layers of one model during one forward pass."""
 
     attention_mask: torch.Tensor | None = None  # (b, t_total): marks real tokens; padding is ignored
-    first_score: torch.Tensor | None = None  # (n,) d of the first adapted layer (ood_source == "first")
-    first_u: torch.Tensor | None = None  # (n,) the continuous score behind first_score
+    # (n,) d carried between layers: the first adapted layer's (ood_source "first") or the running maximum over
+    # the layers run so far (ood_source "max"); carried_u is the continuous score behind it
+    carried_score: torch.Tensor | None = None
+    carried_u: torch.Tensor | None = None
     record: bool = False  # routing_stats(): layers append what they routed to their records
     aux_losses: list[torch.Tensor] = field(default_factory=list)
 
     def reset(self, attention_mask: torch.Tensor | None) -> None:
         self.attention_mask = attention_mask
-        self.first_score = None
-        self.first_u = None
+        self.carried_score = None
+        self.carried_u = None
         self.aux_losses = []
 
 
@@ -133,9 +135,10 @@ class SlimLinear(nn.Module):
         cfg, cl, ctx = self.config, self.clusters, self.ctx
         if cfg.n_identity_experts == 0:  # nothing to yield to: skip the clustering entirely
             return None
-        if cfg.ood_source == "first" and ctx.first_score is not None and ctx.first_score.shape[0] == xf.shape[0]:
-            self._last_u = ctx.first_u
-            return ctx.first_score
+        carried = ctx.carried_score is not None and ctx.carried_score.shape[0] == xf.shape[0]
+        if cfg.ood_source == "first" and carried:
+            self._last_u = ctx.carried_u
+            return ctx.carried_score
         x = xf.detach().float()
         self._last_u = None
         xv = x if valid is None else x[valid]
@@ -155,9 +158,12 @@ class SlimLinear(nn.Module):
                 d = self._pooled_score(agg, k, lead, valid, just_initialized)
             if self.training and not just_initialized and xv.shape[0] > 0:
                 cl.update(xv, k if valid is None else k[valid], agg if valid is None else agg[valid])
-        if cfg.ood_source == "first" and ctx.first_score is None:
-            ctx.first_score = d
-            ctx.first_u = self._last_u
+        if cfg.ood_source == "max" and carried:  # flagged by any earlier layer -> flagged here too
+            d = torch.maximum(d, ctx.carried_score)
+            if self._last_u is not None and ctx.carried_u is not None:
+                self._last_u = torch.maximum(self._last_u, ctx.carried_u)
+        if cfg.ood_source != "own":
+            ctx.carried_score, ctx.carried_u = d, self._last_u
         return d
 
     def _pooled_score(self, agg: torch.Tensor, k: torch.Tensor, lead: torch.Size, valid: torch.Tensor | None,

@@ -1,0 +1,385 @@
+"""The forgetting benchmark: how much each method learns of the downstream tasks and how much general ability it
+keeps (the SLIM paper's Tables 1-2, in shape, on the shipped base model and its task suite).
+
+    slim bench forgetting --profile quick|full [--out results/forgetting] [--methods slim,lora] [--dry-run]
+
+Protocol (the same for every method):
+
+* **MDS**: fine-tune on the mix of the downstream tasks; **SDS** (full profile): one downstream task at a time.
+  Every downstream and every general task is evaluated after training; the base model's general accuracy is
+  measured once (``base_general``) and retention = mean general accuracy after / before.
+* **Budgets**: the MoE methods use 8 experts of rank 16 (the paper's sizes); LoRA and DoRA take the rank whose
+  trainable parameters match SLIM's (``methods.lora_rank_for_budget``). All methods see the same steps, batch, data
+  order (seed) and learning-rate grid (:data:`LR_GRID`; full fine-tuning has its own grid one decade lower, as is
+  usual for updating every weight). The grid points are all recorded (``lr`` in each record) and traced on the
+  Pareto plot; the tables use, per method, the grid point with the best mean downstream accuracy.
+* **Seeds**: the seed sets initialisation, data order and masks; the task splits stay those of seed 0 (the split
+  the shipped base model was pretrained against), so ``base_general`` is one number per task.
+* **Ablations** of SLIM (:data:`ABLATIONS`) run in the MDS setting at SLIM's grid point.
+
+One JSON record per (method, setting, seed, lr) is written to ``OUT/records/`` as soon as it is measured (a
+rerun skips records that exist, so an interrupted benchmark resumes), then ``OUT/summary.json`` (per method and
+setting: means and stds over seeds) and ``OUT/pareto.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..data.tasks import list_tasks
+
+METHODS = ("slim", "lora", "dora", "mixlora", "mixlora-dy", "loramoe", "mola", "full")
+
+# The SLIM configuration the benchmark measures as "slim" (every change to the paper's routing is an option of
+# SlimConfig; the paper-faithful variant is the ablation row "paper"). See BENCHMARKS.md section 2 and 4.
+SLIM_BENCH: dict[str, Any] = {"ood_pooling": "sequence", "ood_score": "standardized", "ood_source": "max",
+                              "yield_strength": 8.0}
+
+# SLIM ablations: name -> overrides applied on top of SLIM_BENCH
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "paper": {"ood_pooling": "token", "ood_score": "paper", "ood_source": "own", "yield_strength": 1.0},
+    "token-calibrated": {"ood_pooling": "token", "ood_score": "calibrated", "ood_source": "own",
+                         "yield_strength": 1.0},
+    "own-layer-score": {"ood_source": "own"},
+    "no-identity": {"n_identity_experts": 0},
+    "no-yield": {"yield_strength": 0.0},
+    "no-mask": {"mask_mode": "none"},
+    "mask-0.1": {"mask_rate": 0.1},
+    "mask-0.4": {"mask_rate": 0.4},
+    "mask-0.6": {"mask_rate": 0.6},
+    "distance-rms": {"distance": "rms"},
+    "mlp+attention": {"target_modules": ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "self_attn.q_proj",
+                                         "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]},
+    "experts-4": {"n_lora_experts": 4, "r": 32},
+    "experts-16": {"n_lora_experts": 16, "r": 8},
+    "threshold-1": {"threshold_std": 1.0},
+}
+
+LR_GRID: dict[str, tuple[float, ...]] = {"adapter": (2e-3, 5e-3, 1e-2), "full": (2e-4, 5e-4, 1e-3)}
+
+
+@dataclass(frozen=True)
+class Profile:
+    """How much of the protocol to run."""
+
+    name: str = field(metadata={"help": "profile name"})
+    seeds: tuple[int, ...] = field(metadata={"help": "training seeds of the headline (MDS/SDS) runs"})
+    steps: int = field(metadata={"help": "optimizer steps per run"})
+    limit: int | None = field(metadata={"help": "test items per task (None = all)"})
+    lr_points: tuple[int, ...] = field(metadata={"help": "indices into each LR_GRID entry searched"})
+    sds: bool = field(metadata={"help": "also run each downstream task alone"})
+    ablations: tuple[str, ...] = field(metadata={"help": "SLIM ablations (names of ABLATIONS)"})
+    batch_size: int = field(default=16, metadata={"help": "sequences per step"})
+
+
+PROFILES: dict[str, Profile] = {
+    # ~20 minutes on 2 CPU cores: one seed, the middle grid point, MDS only, the two routing ablations
+    "quick": Profile("quick", seeds=(0,), steps=300, limit=50, lr_points=(1,), sds=False,
+                     ablations=("paper", "no-yield")),
+    "full": Profile("full", seeds=(0, 1, 2), steps=400, limit=None, lr_points=(0, 1, 2), sds=True,
+                    ablations=tuple(ABLATIONS)),
+}
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run of the benchmark."""
+
+    method: str
+    setting: str  # "mds", "sds/<task>" or "ablation/<name>"
+    seed: int
+    lr: float
+    overrides: dict[str, Any]
+
+    @property
+    def data(self) -> str:
+        return self.setting[len("sds/"):] if self.setting.startswith("sds/") else "downstream"
+
+    @property
+    def key(self) -> str:
+        name = f"{self.method}__{self.setting}__seed{self.seed}__lr{self.lr:g}"
+        return name.replace("/", "-")
+
+
+def _grid(method: str, points: Sequence[int]) -> list[float]:
+    grid = LR_GRID["full" if method == "full" else "adapter"]
+    return [grid[i] for i in points]
+
+
+def method_overrides(method: str, base_model: Any) -> dict[str, Any]:
+    """The benchmark's configuration of ``method`` on ``base_model`` (LoRA/DoRA at SLIM's trainable budget)."""
+    from .. import methods
+
+    if method == "slim":
+        return dict(SLIM_BENCH)
+    if method in ("lora", "dora"):
+        slim_cfg = methods.make_config("slim", **SLIM_BENCH)
+        r = methods.lora_rank_for_budget(base_model, slim_config=slim_cfg, dora=method == "dora")
+        return {"r": r, "alpha": 2 * r}
+    return {}
+
+
+def plan(profile: Profile, base_model: Any, methods_: Sequence[str] = METHODS,
+         best_lr: dict[str, float] | None = None) -> list[RunSpec]:
+    """Every run of ``profile``: the LR search (seed 0, MDS), then the other seeds, SDS and ablations at the chosen
+    learning rate (``best_lr[method]``; the middle grid point of the profile until the search has run)."""
+    unknown = [m for m in methods_ if m not in METHODS]
+    if unknown:
+        raise ValueError(f"--methods: unknown {unknown}; the benchmark's methods are {', '.join(METHODS)}")
+    best_lr = best_lr or {}
+    specs: list[RunSpec] = []
+    for m in methods_:
+        over = method_overrides(m, base_model)
+        for lr in _grid(m, profile.lr_points):
+            specs.append(RunSpec(m, "mds", profile.seeds[0], lr, over))
+        lr = best_lr.get(m, _grid(m, profile.lr_points)[len(profile.lr_points) // 2])
+        for seed in profile.seeds[1:]:
+            specs.append(RunSpec(m, "mds", seed, lr, over))
+        if profile.sds:
+            for task in list_tasks("downstream"):
+                for seed in profile.seeds:
+                    specs.append(RunSpec(m, f"sds/{task}", seed, lr, over))
+    if "slim" in methods_:
+        lr = best_lr.get("slim", _grid("slim", profile.lr_points)[len(profile.lr_points) // 2])
+        for name in profile.ablations:
+            if name not in ABLATIONS:
+                raise ValueError(f"unknown ablation {name!r}; known: {', '.join(ABLATIONS)}")
+            for seed in profile.seeds:
+                specs.append(RunSpec("slim", f"ablation/{name}", seed, lr, {**SLIM_BENCH, **ABLATIONS[name]}))
+    return specs
+
+
+# ------------------------------------------------------------------------------------------------ one run
+def _mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def base_general(base: str, limit: int | None) -> dict[str, float]:
+    """General accuracy of the base model (test split of seed 0), measured once per benchmark."""
+    from ..evaluation.multiple_choice import evaluate_task
+    from ..training import load_base
+
+    model, tok = load_base(base)
+    model.eval()
+    return {n: evaluate_task(model, tok, n, limit=limit, seed=0).accuracy for n in list_tasks("general")}
+
+
+def ood_separation(model: Any, tokenizer: Any, limit: int | None) -> dict[str, Any]:
+    """AUROC of the OOD score between held-out general (positive) and downstream inputs, at the routing level
+    (per token or per sequence), per layer and its median; and the mean identity weight on each."""
+    from ..report import routing_report, short_name
+
+    report = routing_report(model, tokenizer, limit=limit or 100)
+    level = "token" if model.slim_config.ood_pooling == "token" else "sequence"
+    per_layer = {short_name(n): (r.auroc_token if level == "token" else r.auroc_sequence) for n, r in report.items()}
+    return {
+        "ood_auroc": statistics.median(per_layer.values()),
+        "ood_auroc_level": level,
+        "ood_auroc_layers": per_layer,
+        "identity_weight_general": _mean([r.identity_weight_general for r in report.values()]),
+        "identity_weight_downstream": _mean([r.identity_weight_downstream for r in report.values()]),
+    }
+
+
+def run_one(spec: RunSpec, profile: Profile, base: str, base_gen: dict[str, float],
+            work_dir: Path) -> dict[str, Any]:
+    """Train ``spec``, evaluate every task, return the record (the run directory is deleted afterwards)."""
+    from ..evaluation.multiple_choice import evaluate_task
+    from ..training import TrainArgs, load_run, train
+
+    run_dir = work_dir / spec.key
+    t0 = time.perf_counter()
+    train(TrainArgs(base=base, method=spec.method, data=spec.data, out=str(run_dir), steps=profile.steps,
+                    batch_size=profile.batch_size, lr=spec.lr, seed=spec.seed, overrides=spec.overrides,
+                    save_steps=profile.steps, progress=False))
+    seconds = time.perf_counter() - t0
+    model, tok, cfg = load_run(run_dir)
+    acc = {n: evaluate_task(model, tok, n, limit=profile.limit, seed=0).accuracy for n in list_tasks()}
+    general = {n: a for n, a in acc.items() if n.startswith("general/")}
+    record: dict[str, Any] = {
+        "method": spec.method, "setting": spec.setting, "seed": spec.seed, "lr": spec.lr, "steps": profile.steps,
+        "profile": profile.name, "overrides": spec.overrides,
+        "downstream": {n: a for n, a in acc.items() if n.startswith("downstream/")},
+        "general": general, "base_general": base_gen,
+        "retention": _mean(list(general.values())) / _mean(list(base_gen.values())),
+        "trainable_params": cfg["trainable_params"], "train_seconds": seconds,
+    }
+    record["downstream_avg"] = _mean(list(record["downstream"].values()))
+    record["general_avg"] = _mean(list(general.values()))
+    if spec.method == "slim" and model.slim_config.n_identity_experts > 0:
+        record.update(ood_separation(model, tok, profile.limit))
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return record
+
+
+# ------------------------------------------------------------------------------------------------ summary
+def summarize(records: Sequence[dict[str, Any]], best_lr: dict[str, float]) -> dict[str, Any]:
+    """Per (method, setting) at the chosen learning rate: mean and std over seeds of every score."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in records:
+        if r["setting"].startswith("ablation/") or math.isclose(r["lr"], best_lr.get(r["method"], r["lr"])):
+            groups.setdefault((r["method"], r["setting"]), []).append(r)
+    out: dict[str, Any] = {}
+    for (method, setting), rs in sorted(groups.items()):
+        def stat(get: Callable[[dict[str, Any]], float], rs: list[dict[str, Any]] = rs) -> dict[str, float]:
+            xs = [get(r) for r in rs]
+            return {"mean": _mean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0}
+
+        entry: dict[str, Any] = {
+            "method": method, "setting": setting, "lr": rs[0]["lr"], "seeds": sorted(r["seed"] for r in rs),
+            "downstream": {t: stat(lambda r, t=t: r["downstream"][t]) for t in rs[0]["downstream"]},
+            "general": {t: stat(lambda r, t=t: r["general"][t]) for t in rs[0]["general"]},
+            "downstream_avg": stat(lambda r: r["downstream_avg"]),
+            "general_avg": stat(lambda r: r["general_avg"]),
+            "retention": stat(lambda r: r["retention"]),
+            "trainable_params": rs[0]["trainable_params"],
+            "train_seconds": stat(lambda r: r["train_seconds"]),
+        }
+        if "ood_auroc" in rs[0]:
+            entry["ood_auroc"] = stat(lambda r: r["ood_auroc"])
+            entry["identity_weight_general"] = stat(lambda r: r["identity_weight_general"])
+            entry["identity_weight_downstream"] = stat(lambda r: r["identity_weight_downstream"])
+        out[f"{method}|{setting}"] = entry
+    return {"best_lr": best_lr, "groups": out}
+
+
+def choose_lr(records: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Per method, the learning rate of the seed-0 MDS run with the best mean downstream accuracy."""
+    best: dict[str, tuple[float, float]] = {}
+    for r in records:
+        if r["setting"] != "mds":
+            continue
+        score = r["downstream_avg"]
+        if r["method"] not in best or score > best[r["method"]][0]:
+            best[r["method"]] = (score, r["lr"])
+    return {m: lr for m, (_, lr) in best.items()}
+
+
+def plot_pareto(records: Sequence[dict[str, Any]], summary: dict[str, Any], path: Path) -> Path:
+    """Downstream average vs retention: one point per method (mean over seeds, std as error bars) and, per method,
+    the curve traced by its learning-rate grid (seed 0)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    colors = plt.get_cmap("tab10")
+    for i, method in enumerate(METHODS):
+        grid = sorted((r["lr"], r["downstream_avg"], r["retention"]) for r in records
+                      if r["method"] == method and r["setting"] == "mds" and r["seed"] == 0)
+        if not grid:
+            continue
+        c = colors(i % 10)
+        if len(grid) > 1:
+            ax.plot([g[1] for g in grid], [g[2] for g in grid], "--", color=c, alpha=0.5, lw=1)
+        entry = summary["groups"].get(f"{method}|mds")
+        if entry:
+            x, y = entry["downstream_avg"], entry["retention"]
+            ax.errorbar(x["mean"], y["mean"], xerr=x["std"], yerr=y["std"], fmt="o", color=c, ms=7, capsize=3,
+                        label=method)
+    ax.set_xlabel("downstream accuracy (mean over tasks)")
+    ax.set_ylabel("general retention (after / before)")
+    ax.set_title("MDS: learn more (right), forget less (up); dashed = LR grid")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="forgetting benchmark (mean +- std over seeds)")
+    for col in ("method", "setting", "lr", "downstream", "general", "retention", "ood auroc", "trainable", "train s"):
+        t.add_column(col, justify="left" if col in ("method", "setting") else "right")
+    pm = lambda s: f"{s['mean']:.3f}+-{s['std']:.3f}"  # noqa: E731
+    for e in summary["groups"].values():
+        t.add_row(e["method"], e["setting"], f"{e['lr']:g}", pm(e["downstream_avg"]), pm(e["general_avg"]),
+                  pm(e["retention"]), pm(e["ood_auroc"]) if "ood_auroc" in e else "-", f"{e['trainable_params']:,d}",
+                  f"{e['train_seconds']['mean']:.0f}")
+    Console().print(t)
+
+
+# ------------------------------------------------------------------------------------------------ driver
+def _write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as sorted JSON through a temporary file and a rename (never a half-written record)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+    Path(f.name).replace(path)
+
+
+def load_records(out: Path) -> list[dict[str, Any]]:
+    rec_dir = out / "records"
+    records = []
+    for p in sorted(rec_dir.glob("*.json")) if rec_dir.is_dir() else []:
+        try:
+            records.append(json.loads(p.read_text()))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p}: not a valid benchmark record ({e}); delete it to measure it again") from e
+    return records
+
+
+def run_benchmark(profile: str | Profile = "quick", base: str = "assets/base", out: str | Path = "results/forgetting",
+                  methods_: Sequence[str] = METHODS, dry_run: bool = False,
+                  log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run (or resume) the benchmark; returns the summary. ``dry_run`` only lists the planned runs."""
+    from ..training import load_base
+
+    if isinstance(profile, str) and profile not in PROFILES:
+        raise ValueError(f"--profile {profile!r}: unknown; choose from {', '.join(PROFILES)}")
+    prof = PROFILES[profile] if isinstance(profile, str) else profile
+    out = Path(out)
+    base_model, _ = load_base(base)
+    search = [s for s in plan(prof, base_model, methods_) if s.setting == "mds" and s.seed == prof.seeds[0]]
+    if dry_run:
+        for s in plan(prof, base_model, methods_):
+            log(f"{s.key}  data={s.data}  overrides={json.dumps(s.overrides, sort_keys=True)}")
+        return {}
+    done = {(r["method"], r["setting"], r["seed"], r["lr"]) for r in load_records(out)}
+    base_path = out / "base_general.json"
+    if base_path.is_file():
+        base_gen = json.loads(base_path.read_text())
+    else:
+        base_gen = base_general(base, prof.limit)
+        _write_json(base_path, base_gen)
+    work = Path(tempfile.mkdtemp(prefix="slim-forgetting-"))
+    try:
+        def execute(specs: Sequence[RunSpec]) -> None:
+            for s in specs:
+                if (s.method, s.setting, s.seed, s.lr) in done:
+                    continue
+                log(f"[{time.strftime('%H:%M:%S')}] {s.key}")
+                rec = run_one(s, prof, base, base_gen, work)
+                _write_json(out / "records" / f"{s.key}.json", rec)
+                done.add((s.method, s.setting, s.seed, s.lr))
+                log(f"    downstream {rec['downstream_avg']:.3f}  retention {rec['retention']:.3f}  "
+                    f"{rec['train_seconds']:.0f} s" + (f"  ood_auroc {rec['ood_auroc']:.3f}" if "ood_auroc" in rec
+                                                       else ""))
+
+        execute(search)  # phase 1: the learning-rate search (seed 0, MDS)
+        best_lr = choose_lr(load_records(out))
+        execute([s for s in plan(prof, base_model, methods_, best_lr) if s not in search])  # phase 2
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    records = [r for r in load_records(out) if r["method"] in methods_]
+    best_lr = choose_lr(records)
+    summary = summarize(records, best_lr)
+    summary["profile"] = asdict(prof)
+    _write_json(out / "summary.json", summary)
+    plot_pareto(records, summary, out / "pareto.png")
+    print_summary(summary)
+    return summary

@@ -1,0 +1,96 @@
+"""The forgetting benchmark: the plan, the records' schema, resuming, the summary and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from slimpeft import methods
+from slimpeft.bench import forgetting as fg
+from slimpeft.cli import app
+
+TINY = fg.Profile("tiny", seeds=(0,), steps=3, limit=4, lr_points=(1,), sds=False, ablations=("no-yield",),
+                  batch_size=4)
+SMALL_SLIM = {"r": 2, "n_clusters": 4}
+
+
+def test_full_plan_covers_every_method_setting_seed_and_ablation(tiny_base):
+    from slimpeft.training import load_base
+
+    base, _ = load_base(str(tiny_base))
+    full = fg.PROFILES["full"]
+    specs = fg.plan(full, base)
+    n_down = 3
+    per_method = 3 + 2 + n_down * 3  # LR grid (seed 0), seeds 1-2 at the chosen LR, SDS x 3 seeds
+    assert len(specs) == len(fg.METHODS) * per_method + len(fg.ABLATIONS) * 3
+    assert len({s.key for s in specs}) == len(specs)  # every run has its own record file
+    lora = next(s for s in specs if s.method == "lora")
+    slim_budget = methods.trainable_budget("slim", base, **fg.SLIM_BENCH)
+    lora_budget = methods.trainable_budget("lora", base, **lora.overrides)
+    assert abs(lora_budget - slim_budget) / slim_budget < 0.05  # LoRA at SLIM's trainable budget
+    assert {s.lr for s in specs if s.method == "full"} == set(fg.LR_GRID["full"])
+    assert all(s.data == s.setting[4:] for s in specs if s.setting.startswith("sds/"))
+    with pytest.raises(ValueError, match="unknown"):
+        fg.plan(full, base, ["slim", "adalora"])
+
+
+def test_choose_lr_and_summary_statistics():
+    def rec(method, lr, seed, down, ret):
+        return {"method": method, "setting": "mds", "seed": seed, "lr": lr, "downstream": {"d/x": down},
+                "general": {"g/x": ret}, "downstream_avg": down, "general_avg": ret, "retention": ret,
+                "trainable_params": 10, "train_seconds": 1.0}
+
+    records = [rec("lora", 1e-3, 0, 0.4, 0.9), rec("lora", 1e-2, 0, 0.6, 0.5), rec("lora", 1e-2, 1, 0.8, 0.7)]
+    best = fg.choose_lr(records)
+    assert best == {"lora": 1e-2}
+    s = fg.summarize(records, best)["groups"]["lora|mds"]
+    assert s["seeds"] == [0, 1]
+    assert s["downstream_avg"]["mean"] == pytest.approx(0.7) and s["downstream_avg"]["std"] == pytest.approx(0.1414,
+                                                                                                         abs=1e-4)
+    assert s["retention"]["mean"] == pytest.approx(0.6)
+
+
+def test_benchmark_writes_records_summary_and_plot_and_resumes(tiny_base, tmp_path, monkeypatch):
+    monkeypatch.setattr(fg, "SLIM_BENCH", {**fg.SLIM_BENCH, **SMALL_SLIM})
+    out = tmp_path / "fg"
+    summary = fg.run_benchmark(TINY, base=str(tiny_base), out=out, methods_=["slim", "lora"], log=lambda s: None)
+    files = sorted(p.name for p in (out / "records").iterdir())
+    assert len(files) == 3  # slim, lora, slim ablation/no-yield
+    required = {"method", "setting", "seed", "downstream", "general", "base_general", "retention",
+                "trainable_params", "train_seconds"}
+    for name in files:
+        r = json.loads((out / "records" / name).read_text())
+        assert required <= set(r)
+        assert set(r["downstream"]) == {"downstream/foldoc-def", "downstream/jargon-def", "downstream/foldoc-yesno"}
+        assert set(r["general"]) == set(r["base_general"]) and len(r["general"]) == 4
+        mean = lambda d: sum(d.values()) / len(d)  # noqa: E731
+        assert r["retention"] == pytest.approx(mean(r["general"]) / mean(r["base_general"]))
+        assert r["trainable_params"] > 0 and r["train_seconds"] > 0
+        if r["method"] == "slim":
+            assert 0.0 <= r["ood_auroc"] <= 1.0 and r["ood_auroc_level"] == "sequence"
+            assert len(r["ood_auroc_layers"]) == 2 * 3  # 2 layers x gate/up/down
+    assert {r for r in summary["groups"]} == {"slim|mds", "lora|mds", "slim|ablation/no-yield"}
+    assert (out / "summary.json").is_file() and (out / "pareto.png").stat().st_size > 1000
+    # resuming: nothing is measured again (the records are untouched)
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "records").iterdir()}
+    fg.run_benchmark(TINY, base=str(tiny_base), out=out, methods_=["slim", "lora"], log=lambda s: None)
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "records").iterdir()} == before
+
+
+def test_corrupt_record_is_reported_with_its_path(tmp_path):
+    (tmp_path / "records").mkdir()
+    (tmp_path / "records" / "x.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"x\.json: not a valid benchmark record"):
+        fg.load_records(tmp_path)
+
+
+def test_cli_dry_run_lists_the_plan(tiny_base):
+    res = CliRunner(env={"COLUMNS": "200"}).invoke(
+        app, ["bench", "forgetting", "--profile", "quick", "--base", str(tiny_base), "--dry-run"])
+    assert res.exit_code == 0, res.output
+    lines = [ln for ln in res.output.splitlines() if "__" in ln]
+    assert len(lines) == len(fg.METHODS) + len(fg.PROFILES["quick"].ablations)
+    bad = CliRunner().invoke(app, ["bench", "forgetting", "--profile", "huge", "--base", str(tiny_base)])
+    assert bad.exit_code != 0 and "--profile 'huge': unknown" in bad.output
