@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +30,7 @@ import torch
 from .data.jsonl import read_jsonl
 from .data.tasks import MCExample, build_task, format_generative, format_mc, list_tasks
 from .evaluation.multiple_choice import encode_pair
+from .model import atomic_write, read_json
 
 logger = logging.getLogger("slimpeft")
 
@@ -59,7 +60,10 @@ class TrainArgs:
     seed: int = field(default=0, metadata={"help": "seed of initialisation, data order and task splits"})
     save_steps: int = field(default=100, metadata={"help": "steps between checkpoints"})
     logging_steps: int = field(default=10, metadata={"help": "steps between log lines"})
-    resume: bool = field(default=False, metadata={"help": "resume from the last checkpoint in RUN_DIR"})
+    resume: bool = field(default=False, metadata={"help": "resume from the last complete checkpoint in RUN_DIR"})
+    sync_check_steps: int = field(default=0, metadata={"help": "under several processes: every N steps check that "
+                                                              "all ranks hold identical trainable parameters and "
+                                                              "buffers (0 = never)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
     def validate(self) -> list[str]:
@@ -71,6 +75,8 @@ class TrainArgs:
         for name in ("steps", "batch_size", "max_length", "save_steps", "logging_steps"):
             if getattr(self, name) <= 0:
                 errs.append(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        if self.sync_check_steps < 0:
+            errs.append(f"--sync-check-steps must be >= 0, got {self.sync_check_steps}")
         if not (0 < self.lr < 1):
             errs.append(f"--lr must lie in (0, 1), got {self.lr}")
         if not (0 <= self.warmup_ratio < 1):
@@ -190,34 +196,207 @@ def load_base(path: str, dtype: torch.dtype = torch.float32):
     return model, tok
 
 
-def _callbacks(args: TrainArgs):
+def _world() -> tuple[int, int]:
+    """(rank, world size) of the initialised process group, (0, 1) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if _world()[1] > 1:
+        dist.barrier()
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+STAGING_DIR = ".incomplete"  # checkpoints are written under CHECKPOINTS/.incomplete/ and renamed into place
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    """Flush every file under ``path`` and the directories themselves to disk (durable before the rename)."""
+    for p in sorted(path.rglob("*"), reverse=True) + [path]:
+        _fsync(p)
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """N of a ``checkpoint-N`` directory, None for any other name."""
+    name = path.name
+    if not name.startswith("checkpoint-") or not name[len("checkpoint-"):].isdigit():
+        return None
+    return int(name[len("checkpoint-"):])
+
+
+def is_complete_checkpoint(path: Path) -> bool:
+    """A checkpoint the Trainer finished: ``trainer_state.json``, which it writes last, parses and names this step.
+    Renaming into place makes every ``checkpoint-N`` complete; this also refuses ones damaged afterwards or left by a
+    writer that was not atomic (an older slimpeft, or a plain ``Trainer``)."""
+    try:
+        return json.loads((path / "trainer_state.json").read_text()).get("global_step") == checkpoint_step(path)
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError, AttributeError):
+        return False
+
+
+def last_complete_checkpoint(folder: str | Path) -> Path | None:
+    """The complete checkpoint with the highest step in ``folder`` (None when there is none)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    found = sorted((checkpoint_step(p), p) for p in folder.iterdir() if p.is_dir() and checkpoint_step(p) is not None)
+    for _, path in reversed(found):
+        if is_complete_checkpoint(path):
+            return path
+        logger.warning("%s: incomplete checkpoint, skipped", path)
+    return None
+
+
+def _make_trainer_class():
+    """``Trainer`` with atomic checkpoints and a stop on a non-finite loss or gradient before the optimizer step."""
+    from transformers import Trainer
+    from transformers.trainer_utils import rotate_checkpoints
+
+    class SlimTrainer(Trainer):
+        _staging = False
+
+        def _get_output_dir(self, trial) -> str:
+            root = super()._get_output_dir(trial)
+            return os.path.join(root, STAGING_DIR) if self._staging else root
+
+        def _save_checkpoint(self, model, trial) -> None:
+            """Write ``checkpoint-N`` under ``.incomplete/``, flush it, then rename it into place (atomic on one file
+            system), so a kill at any moment leaves only complete checkpoints; then rotate old ones."""
+            root = Path(super()._get_output_dir(trial))
+            name = f"checkpoint-{self.state.global_step}"
+            bad = [n for n, p in model.named_parameters() if p.requires_grad and not p.isfinite().all()]
+            if bad:  # never let a checkpoint hold non-finite weights: it would replace a good one in the rotation
+                last = last_complete_checkpoint(root)
+                raise FloatingPointError(
+                    f"step {self.state.global_step}: non-finite (nan/inf) values in {', '.join(bad[:5])}: stopped "
+                    f"without writing {name}; the last good checkpoint is {last}. Lower --lr or check the data.")
+            staged, final = root / STAGING_DIR / name, root / name
+            if self.args.should_save and staged.exists():
+                shutil.rmtree(staged)
+            _barrier()
+            self._staging = True
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self._staging = False
+            _barrier()  # every rank has written its part (RNG state per rank)
+            if self.args.should_save:
+                _fsync_tree(staged)
+                old = None
+                if final.exists():  # re-saving a step (after a resume): move the old one aside first
+                    old = final.with_name(f"{STAGING_DIR}-old-{name}")
+                    os.replace(final, old)
+                os.replace(staged, final)
+                _fsync(root)
+                if old is not None:
+                    shutil.rmtree(old)
+                if not any(staged.parent.iterdir()):
+                    staged.parent.rmdir()
+                rotate_checkpoints(output_dir=str(root), save_total_limit=self.args.save_total_limit, use_mtime=False)
+            _barrier()
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            bad = torch.tensor([float(not torch.isfinite(loss).all()),
+                                float(bool(grads) and not torch.stack([g.isfinite().all() for g in grads]).all())],
+                               device=loss.device)
+            if _world()[1] > 1:  # every rank stops together, or the others would wait in the next all-reduce
+                import torch.distributed as dist
+
+                dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+            if bad.any():
+                what = "loss" if bad[0] else "gradient"
+                step = self.state.global_step + 1
+                last = last_complete_checkpoint(self.args.output_dir)
+                kept = f"the last good checkpoint is {last}" if last else "no checkpoint had been written yet"
+                raise FloatingPointError(
+                    f"training {what} became non-finite (nan/inf) at step {step}: stopped before the optimizer step; "
+                    f"{kept}. Lower --lr (or the method's scale, e.g. alpha) or check the data, then run again "
+                    "(--resume continues from that checkpoint).")
+            return loss
+
+    return SlimTrainer
+
+
+def _callbacks(args: TrainArgs, sync: RankSync | None):
     from transformers import TrainerCallback
 
     class StepLog(TrainerCallback):
-        """A steady log line per logging step (nanoGPT style), and a stop on a non-finite loss."""
+        """A steady log line per logging step (nanoGPT style)."""
 
         def __init__(self) -> None:
             self.t0 = time.perf_counter()
-            self.tokens = 0
 
         def on_log(self, targs, state, control, logs=None, **kw):
             logs = logs or {}
-            if "loss" in logs:
-                loss = float(logs["loss"])
-                if not math.isfinite(loss):
-                    raise FloatingPointError(
-                        f"training loss became {loss} at step {state.global_step}: stopped; the last good "
-                        f"checkpoint is kept in {targs.output_dir}. Lower --lr or check the data.")
-                dt = time.perf_counter() - self.t0
-                logger.info("step %d | loss %.4f | lr %.2e | %.1f s", state.global_step, loss,
-                            float(logs.get("learning_rate", 0.0)), dt)
+            if "loss" in logs and state.is_world_process_zero:
+                logger.info("step %d | loss %.4f | lr %.2e | %.1f s", state.global_step, float(logs["loss"]),
+                            float(logs.get("learning_rate", 0.0)), time.perf_counter() - self.t0)
 
-    return [StepLog()]
+    class SyncCheck(TrainerCallback):
+        def on_step_end(self, targs, state, control, model=None, **kw):
+            if sync is not None and state.global_step % args.sync_check_steps == 0:
+                sync.check(model, state.global_step)
+
+    return [StepLog(), SyncCheck()]
 
 
-def train(args: TrainArgs) -> Path:
-    """Fine-tune ``args.base`` with ``args.method`` on ``args.data``; returns the run directory."""
-    from transformers import Trainer, TrainingArguments
+@dataclass
+class RankSync:
+    """Checks that every rank holds bit-identical trainable parameters and buffers (SLIM's cluster statistics
+    included): rank 0's tensors are broadcast and compared exactly; any difference stops training naming the
+    tensors. Enabled by ``--sync-check-steps N`` under several processes."""
+
+    checks: int = 0
+    n_params: int = 0
+    n_buffers: int = 0
+    max_abs_diff: float = 0.0
+
+    def check(self, model: torch.nn.Module, step: int) -> None:
+        import torch.distributed as dist
+
+        named = [(n, p.detach()) for n, p in model.named_parameters() if p.requires_grad]
+        self.n_params = len(named)
+        bufs = [(n, b) for n, b in model.named_buffers()]
+        self.n_buffers = len(bufs)
+        named += bufs
+        diffs = torch.zeros(len(named), dtype=torch.float64)
+        for i, (_, t) in enumerate(named):
+            ref = t.clone()
+            dist.broadcast(ref, src=0)
+            if t.is_floating_point():
+                diffs[i] = (t.double() - ref.double()).abs().max() if t.numel() else 0.0
+            else:
+                diffs[i] = float(not torch.equal(t, ref))
+        dist.all_reduce(diffs, op=dist.ReduceOp.MAX)
+        self.checks += 1
+        self.max_abs_diff = max(self.max_abs_diff, float(diffs.max()))
+        bad = [f"{named[i][0]} (max |diff| {float(diffs[i]):.3g})" for i in torch.nonzero(diffs).flatten().tolist()]
+        if bad:
+            raise RuntimeError(f"step {step}: the ranks hold different tensors: {', '.join(bad[:10])}")
+
+
+def train(args: TrainArgs, callbacks: list | None = None) -> Path:
+    """Fine-tune ``args.base`` with ``args.method`` on ``args.data``; returns the run directory.
+
+    ``callbacks``: extra ``transformers.TrainerCallback`` objects. A non-finite loss or gradient raises
+    ``FloatingPointError`` before the optimizer step, naming the step and the last good checkpoint."""
+    from transformers import TrainingArguments
 
     from . import methods
 
@@ -236,8 +415,9 @@ def train(args: TrainArgs) -> Path:
     trainable, total = model.get_nb_trainable_parameters()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cpu = not torch.cuda.is_available()
+    ckpt_dir = out / "checkpoints"
     targs = TrainingArguments(
-        output_dir=str(out / "checkpoints"),
+        output_dir=str(ckpt_dir),
         max_steps=args.steps,
         per_device_train_batch_size=args.batch_size,
         learning_rate=args.lr,
@@ -252,6 +432,9 @@ def train(args: TrainArgs) -> Path:
         report_to=["tensorboard"],
         use_cpu=cpu,
         ddp_backend="gloo" if (cpu and world > 1) else None,
+        # SLIM's cluster buffers are all-reduced inside the layer; broadcasting rank 0's buffers before every
+        # forward would hide a rank that drifted (RankSync checks it instead)
+        ddp_broadcast_buffers=False,
         remove_unused_columns=False,
         disable_tqdm=not args.progress,
         dataloader_num_workers=0,
@@ -260,16 +443,30 @@ def train(args: TrainArgs) -> Path:
     run_config = {"args": asdict(args), "method_config": _method_config(model), "data_sizes": sizes,
                   "n_train": len(dataset), "n_truncated": dataset.n_truncated, "trainable_params": trainable,
                   "total_params": total, "world_size": world}
-    trainer = Trainer(model=model, args=targs, train_dataset=dataset, data_collator=PadCollator(tok.pad_token_id),
-                      callbacks=_callbacks(args))
+    sync = RankSync() if (world > 1 and args.sync_check_steps > 0) else None
+    trainer = _make_trainer_class()(model=model, args=targs, train_dataset=dataset,
+                                    data_collator=PadCollator(tok.pad_token_id),
+                                    callbacks=_callbacks(args, sync) + list(callbacks or []))
+    if trainer.is_world_process_zero() and (ckpt_dir / STAGING_DIR).exists():
+        shutil.rmtree(ckpt_dir / STAGING_DIR)  # left by a run killed while writing a checkpoint
+    resume_from = last_complete_checkpoint(ckpt_dir) if args.resume else None
+    if args.resume and resume_from is not None:
+        logger.info("resuming from %s", resume_from)
+    elif args.resume:
+        logger.warning("--resume: no complete checkpoint in %s; starting from step 0", ckpt_dir)
+    run_config["resumed_from"] = str(resume_from) if resume_from else None
     t0 = time.perf_counter()
-    resume = args.resume and any((out / "checkpoints").glob("checkpoint-*"))
-    trainer.train(resume_from_checkpoint=True if resume else None)
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     run_config["train_seconds"] = time.perf_counter() - t0
+    if sync is not None:
+        run_config["rank_sync"] = asdict(sync)
     if trainer.is_world_process_zero():
         model.save_pretrained(out / ADAPTER_DIR)
-        (out / "train_log.json").write_text(json.dumps(trainer.state.log_history, indent=2))
-        (out / RUN_CONFIG).write_text(json.dumps(run_config, indent=2, sort_keys=True, default=str))
+        atomic_write(out / "train_log.json",
+                     lambda p: Path(p).write_text(json.dumps(trainer.state.log_history, indent=2)))
+        atomic_write(out / RUN_CONFIG,
+                     lambda p: Path(p).write_text(json.dumps(run_config, indent=2, sort_keys=True, default=str)))
+    _barrier()
     return out
 
 
@@ -288,8 +485,11 @@ def load_run(run_dir: str | Path):
     cpath = run_dir / RUN_CONFIG
     if not cpath.is_file():
         raise ValueError(f"{run_dir}: not a run directory (no {RUN_CONFIG})")
-    cfg = json.loads(cpath.read_text())
-    base, tok = load_base(cfg["args"]["base"])
-    model = methods.load(cfg["args"]["method"], base, run_dir / ADAPTER_DIR)
+    cfg = read_json(cpath)
+    args = cfg.get("args") if isinstance(cfg, dict) else None
+    if not isinstance(args, dict) or not isinstance(args.get("base"), str) or not isinstance(args.get("method"), str):
+        raise ValueError(f"{cpath}: `args.base` and `args.method` must be strings (is this a run directory?)")
+    base, tok = load_base(args["base"])
+    model = methods.load(args["method"], base, run_dir / ADAPTER_DIR)
     model.eval()
     return model, tok, cfg
