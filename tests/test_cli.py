@@ -106,8 +106,8 @@ def test_data_command_writes_the_suite_with_sizes(tmp_path):
     res = runner.invoke(app, ["data", "--out", str(tmp_path)])
     assert res.exit_code == 0, res.output
     sizes = json.loads((tmp_path / "sizes.json").read_text())["tasks"]
-    assert sizes["downstream/foldoc-def"] == {"train": 200, "test": 100, "documents": 600, "chance": 0.25,
+    assert sizes["downstream/foldoc-def"] == {"train": 100, "test": 50, "documents": 300, "chance": 0.25,
                                               "kind": "downstream"}
     for name, sz in sizes.items():
         assert len(read_jsonl(tmp_path / name / "test.jsonl")) == sz["test"]
-    assert "downstream/jargon-def: train 200, test 100, documents 600" in res.output
+    assert "downstream/jargon-def: train 100, test 50, documents 300" in res.output

@@ -28,9 +28,9 @@ EXPECTED_SIZES = {
     "general/wordnet-hypernym": (2800, 200, 4),
     "general/elements": (248, 100, 4),
     "general/arithmetic": (9800, 200, 4),
-    "downstream/foldoc-def": (200, 100, 4),
-    "downstream/jargon-def": (200, 100, 4),
-    "downstream/foldoc-yesno": (200, 100, 2),
+    "downstream/foldoc-def": (100, 50, 4),
+    "downstream/jargon-def": (100, 50, 4),
+    "downstream/foldoc-yesno": (100, 50, 2),
 }
 
 
@@ -133,7 +133,7 @@ def test_answers_are_balanced_enough():
         counts = [sum(ex.answer == k for ex in task.test) for k in range(task.n_choices)]
         assert min(counts) >= 0.6 * len(task.test) / task.n_choices, (name, counts)
     yesno = build_task("downstream/foldoc-yesno")
-    assert sum(ex.answer == 0 for ex in yesno.test) == len(yesno.test) // 2 == 50  # exactly balanced
+    assert sum(ex.answer == 0 for ex in yesno.test) == len(yesno.test) // 2 == 25  # exactly balanced
 
 
 def test_downstream_is_disjoint_from_general():
