@@ -14,7 +14,7 @@ WORDS = ("alpha beta gamma delta apple banana cherry river mountain cloud stone 
 SLIM_SET = ["--set", "r=4", "--set", "n_clusters=4"]  # small SLIM adapters: seconds per run
 
 
-def save_tiny_base(path: Path, seed: int = 0) -> Path:
+def save_tiny_base(path: Path, seed: int = 0, intermediate_size: int = 64) -> Path:
     """Tokenizer (byte-level BPE trained on WORDS) + random LlamaForCausalLM saved to ``path``."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -25,12 +25,12 @@ def save_tiny_base(path: Path, seed: int = 0) -> Path:
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    bpe.train_from_iterator([" ".join(WORDS)] * 4 + ["Q: A:"], trainer)
+    bpe.train_from_iterator([" ".join(WORDS)] * 4 + ["Q: A:?"], trainer)
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                   unk_token="<unk>")
     tok.save_pretrained(path)
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=intermediate_size, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     LlamaForCausalLM(cfg).save_pretrained(path)
@@ -43,7 +43,7 @@ def write_data(path: Path, n: int = 64, seed: int = 0, long_every: int = 0) -> P
     with open(path, "w") as f:
         for i in range(n):
             k = 60 if long_every and i % long_every == 0 else r.randint(3, 10)
-            prompt = "Q: " + " ".join(r.choice(WORDS) for _ in range(k)) + "? A:"
+            prompt = " ".join(r.choice(WORDS) for _ in range(k)) + "?"
             f.write(json.dumps({"prompt": prompt, "response": " " + " ".join(r.choice(WORDS) for _ in range(3))})
                     + "\n")
     return path

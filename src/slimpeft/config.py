@@ -27,6 +27,7 @@ Defaults and why:
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal, get_args, get_type_hints
 
@@ -156,7 +157,11 @@ class SlimConfig:
                 errs.append(f"`{name}`={v!r} must lie in [{lo}, {hi})")
         for name in ("alpha", "yield_strength", "l1_weight", "router_init_std", "threshold_std"):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or v != v or v < 0 or v == float("inf"):
+            try:
+                ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v)) and v >= 0
+            except OverflowError:  # an int beyond the float range (JSON allows any size): alpha / r would overflow
+                ok = False
+            if not ok:
                 errs.append(f"`{name}`={v!r} must be a finite number >= 0")
         if not isinstance(self.mask_rescale, bool):
             errs.append(f"`mask_rescale`={self.mask_rescale!r} must be true or false")
@@ -184,7 +189,7 @@ class SlimConfig:
     def from_dict(cls, d: dict[str, Any], *, where: str = "config") -> SlimConfig:
         """Build from a dict, rejecting unknown fields with the list of known ones."""
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
+        unknown = sorted(str(k) for k in set(d) - known)
         if unknown:
             raise ValueError(f"{where}: unknown SlimConfig field(s) {unknown}; known fields: {sorted(known)}")
         try:
