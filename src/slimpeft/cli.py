@@ -7,6 +7,7 @@
     slim inspect runs/slim                               per-layer routing report + PNG heatmap
     slim bench layer [--quick] [--json]                  layer / masking speed, side by side
     slim bench forgetting --profile quick|full           learning vs forgetting of every method
+    slim bench encoder --profile quick|full              the same on a real encoder (all-MiniLM-L6-v2)
 """
 
 from __future__ import annotations
@@ -256,6 +257,23 @@ def bench_forgetting(
     try:
         run_benchmark(profile, base=base, out=out, methods_=chosen, dry_run=dry_run, log=typer.echo)
     except ValueError as e:
+        _fail(str(e))
+
+
+@bench_app.command("encoder")
+def bench_encoder(
+    profile: Annotated[str, typer.Option(help="quick (~10 min on 2 CPU cores: one seed) or full (3 seeds, LR grid "
+                                              "on a validation split, larger samples)")] = "quick",
+    out: Annotated[str, typer.Option(help="results folder; records, summary.json and encoder.png go to "
+                                          "OUT/<profile>/")] = "results/encoder",
+) -> None:
+    """Learning vs forgetting on the real all-MiniLM-L6-v2 encoder: FOLDOC subjects vs WordNet general probes."""
+    from .bench.encoder import run
+
+    _setup_logging()
+    try:
+        run(profile, out)
+    except (ValueError, ImportError, FileNotFoundError) as e:
         _fail(str(e))
 
 

@@ -1,4 +1,4 @@
-"""``python -m slimpeft.bench layer|separation``: speed and routing-separation benchmarks."""
+"""``python -m slimpeft.bench layer|separation|encoder``: speed, routing-separation and encoder-track benchmarks."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from pathlib import Path
 
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m slimpeft.bench")
-    ap.add_argument("which", choices=["layer", "separation"], help="which benchmark to run")
+    ap.add_argument("which", choices=["layer", "separation", "encoder"], help="which benchmark to run")
+    ap.add_argument("--profile", default="quick", choices=["quick", "full"], help="encoder: run size")
     ap.add_argument("--quick", action="store_true", help="layer: smaller token count and fewer repetitions")
     ap.add_argument("--json", action="store_true", help="layer: print one JSON object instead of a table")
     ap.add_argument("--base", default="assets/base", help="separation: base model folder")
@@ -25,6 +26,13 @@ def main() -> None:
             print(json.dumps(result, sort_keys=True))
         else:
             print_layer_table(result)
+    elif a.which == "encoder":
+        import logging
+
+        from .encoder import run as run_encoder
+
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        run_encoder(a.profile, str(a.out) if a.out else None)
     else:
         from .separation import run
 
