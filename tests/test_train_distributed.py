@@ -31,18 +31,19 @@ def setup(tmp_path_factory):
     return d, base, data, single
 
 
-def _two_process_run(launcher: list[str], setup, name: str) -> Path:
+def _two_process_run(launcher: list[str], setup, name: str, *extra: str) -> Path:
     d, base, data, _ = setup
     out = d / name
     cmd = [*launcher, "-m", "slimpeft.cli", "train", "--base", str(base), "--data", str(data), "--out", str(out),
            "--steps", str(STEPS), "--batch-size", "4", "--save-steps", "2", "--logging-steps", "1",
-           "--sync-check-steps", "1", "--no-progress", *SLIM_SET]
+           "--sync-check-steps", "1", "--no-progress", *SLIM_SET, *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env_1thread(), cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return out
 
 
 def _check_against_single(out: Path, single: Path) -> None:
+    """Two ranks of 4 sequences equal one process of 8: losses, adapter, and identical ranks after every step."""
     cfg = json.loads((out / "run_config.json").read_text())
     assert cfg["world_size"] == 2
     sync = cfg["rank_sync"]
@@ -76,3 +77,26 @@ def test_accelerate_launch_two_processes_equal_one_process_on_the_global_batch(s
     out = _two_process_run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)],
                            setup, "accelerate")
     _check_against_single(out, setup[3])
+
+
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_deepspeed_zero_two_processes_on_cpu_equal_one_process(setup, stage):
+    """DeepSpeed runs on CPU with gloo (its CPU accelerator): ZeRO-2 shards optimizer state and gradients, ZeRO-3 also
+    the parameters, base and adapter alike; the adapter is gathered from the shards before it is saved."""
+    pytest.importorskip("deepspeed", reason="deepspeed is in the test extra (pip install -e '.[test]')")
+    config = ROOT / "configs" / "deepspeed" / f"{stage}.json"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    out = _two_process_run(launcher, setup, stage, "--deepspeed", str(config))
+    _check_against_single(out, setup[3])
+    assert (out / "checkpoints" / "checkpoint-4" / "global_step4").is_dir()  # DeepSpeed's own sharded state
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for CPU-only machines")
+def test_fsdp_on_cpu_is_refused_instead_of_silently_running_ddp(setup, tmp_path):
+    d, base, data, _ = setup
+    out = tmp_path / "fsdp"
+    cmd = [sys.executable, "-m", "slimpeft.cli", "train", "--base", str(base), "--data", str(data), "--out", str(out),
+           "--fsdp-config", str(ROOT / "configs" / "fsdp" / "fsdp2.json")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env_1thread(), cwd=ROOT)
+    assert proc.returncode == 2
+    assert "FSDP needs GPUs" in proc.stderr and not out.exists()

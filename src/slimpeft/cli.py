@@ -6,6 +6,7 @@
     slim eval runs/slim [--tasks ...] [--harness ...]    accuracy before/after, retention
     slim inspect runs/slim                               per-layer routing report + PNG heatmap
     slim bench layer [--quick] [--json]                  layer / masking speed, side by side
+    slim bench speed [--quick] [--json]                  layer, masking, training and generation speed vs LoRA
     slim bench forgetting --profile quick|full           learning vs forgetting of every method
     slim bench encoder --profile quick|full              the same on a real encoder (all-MiniLM-L6-v2)
 """
@@ -120,6 +121,9 @@ def train(
                                                       "(repeatable), e.g. --set r=8 --set yield_strength=4")] = None,
     resume: Annotated[bool, typer.Option(help="resume from the last complete checkpoint in the run directory")
                       ] = False,
+    deepspeed: Annotated[str, typer.Option(help="DeepSpeed JSON config, e.g. configs/deepspeed/zero3.json "
+                                                "(docs/distributed.md)")] = "",
+    fsdp_config: Annotated[str, typer.Option(help="FSDP JSON config, e.g. configs/fsdp/fsdp2.json (GPUs only)")] = "",
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
     """Fine-tune a base model with one method; writes the adapter, config, logs and checkpoints to OUT."""
@@ -129,7 +133,8 @@ def train(
     _setup_logging()
     args = TrainArgs(base=base, method=method, data=data, out=out, overrides=_parse_set(set_ or []), steps=steps,
                      batch_size=batch_size, lr=lr, max_length=max_length, seed=seed, save_steps=save_steps,
-                     logging_steps=logging_steps, sync_check_steps=sync_check_steps, resume=resume, progress=progress)
+                     logging_steps=logging_steps, sync_check_steps=sync_check_steps, resume=resume, progress=progress,
+                     deepspeed=deepspeed, fsdp_config=fsdp_config)
     errs = args.validate()
     if errs:
         _fail("invalid arguments:\n  " + "\n  ".join(errs))
@@ -237,6 +242,31 @@ def bench_layer(
         typer.echo(json.dumps(result, sort_keys=True))
     else:
         print_layer_table(result)
+
+
+@bench_app.command("speed")
+def bench_speed(
+    quick: Annotated[bool, typer.Option(help="smaller shapes and fewer repetitions (under a minute)")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object (every ratio at the top level)")
+                       ] = False,
+    out: Annotated[str, typer.Option(help="output folder; the record is OUT/speed.json")] = "results/speed",
+    base: Annotated[str, typer.Option(help="base model folder of the training and inference measurements")
+                    ] = "assets/base",
+) -> None:
+    """Layer, masking, model training (tokens/s, peak memory) and generation speed of SLIM vs LoRA, the MoE
+    baselines, full fine-tuning and the base model, side by side in one run, with the issue-6 targets."""
+    from .bench.speed import print_layer_table, print_speed_tables, run_speed_bench
+
+    _setup_logging()
+    if not Path(base).is_dir():
+        _fail(f"--base {base}: no such model folder")
+    result = run_speed_bench(quick=quick, out=Path(out) / "speed.json", base=base)
+    if as_json:
+        typer.echo(json.dumps(result, sort_keys=True))
+    else:
+        print_layer_table({"shape": result["meta"]["layer_shape"], "threads": result["meta"]["threads"],
+                           **{k: result[k] for k in ("layer_float32", "layer_bfloat16", "masking") if k in result}})
+        print_speed_tables(result)
 
 
 @bench_app.command("forgetting")

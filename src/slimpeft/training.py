@@ -21,6 +21,8 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,6 +67,10 @@ class TrainArgs:
                                                               "all ranks hold identical trainable parameters and "
                                                               "buffers (0 = never)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    deepspeed: str = field(default="", metadata={"help": "DeepSpeed JSON config (e.g. configs/deepspeed/zero2.json or "
+                                                          "zero3.json); empty: off. See docs/distributed.md"})
+    fsdp_config: str = field(default="", metadata={"help": "FSDP JSON config for the Trainer (e.g. "
+                                                            "configs/fsdp/fsdp2.json); empty: off"})
 
     def validate(self) -> list[str]:
         from . import methods
@@ -77,6 +83,18 @@ class TrainArgs:
                 errs.append(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
         if self.sync_check_steps < 0:
             errs.append(f"--sync-check-steps must be >= 0, got {self.sync_check_steps}")
+        for name in ("deepspeed", "fsdp_config"):
+            path = getattr(self, name)
+            if path:
+                try:
+                    read_json(Path(path))
+                except (ValueError, OSError) as e:
+                    errs.append(f"--{name.replace('_', '-')}: {e}")
+        if self.deepspeed and self.fsdp_config:
+            errs.append("--deepspeed and --fsdp-config exclude each other")
+        if self.fsdp_config and not torch.cuda.is_available():
+            errs.append(f"--fsdp-config {self.fsdp_config}: FSDP needs GPUs (accelerate enables it only on "
+                        "accelerator devices; on CPU the run would silently be plain DDP)")
         if not (0 < self.lr < 1):
             errs.append(f"--lr must lie in (0, 1), got {self.lr}")
         if not (0 <= self.warmup_ratio < 1):
@@ -210,6 +228,20 @@ def _barrier() -> None:
 
     if _world()[1] > 1:
         dist.barrier()
+
+
+@contextmanager
+def full_parameters(model: torch.nn.Module) -> Iterator[None]:
+    """Inside the block every rank sees the full trainable parameters, also where DeepSpeed ZeRO-3 partitions them
+    (a collective: every rank must enter). Elsewhere (single process, DDP, ZeRO-1/2) parameters are whole already."""
+    parts = [p for p in model.parameters() if p.requires_grad and hasattr(p, "ds_id")]
+    if not parts:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(parts, modifier_rank=None):
+        yield
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
@@ -351,7 +383,8 @@ def _callbacks(args: TrainArgs, sync: RankSync | None):
     class SyncCheck(TrainerCallback):
         def on_step_end(self, targs, state, control, model=None, **kw):
             if sync is not None and state.global_step % args.sync_check_steps == 0:
-                sync.check(model, state.global_step)
+                with full_parameters(model):
+                    sync.check(model, state.global_step)
 
     return [StepLog(), SyncCheck()]
 
@@ -438,6 +471,9 @@ def train(args: TrainArgs, callbacks: list | None = None) -> Path:
         remove_unused_columns=False,
         disable_tqdm=not args.progress,
         dataloader_num_workers=0,
+        deepspeed=args.deepspeed or None,
+        fsdp="full_shard auto_wrap" if args.fsdp_config else None,
+        fsdp_config=args.fsdp_config or None,
     )
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out / "tb"))
     run_config = {"args": asdict(args), "method_config": _method_config(model), "data_sizes": sizes,
@@ -447,6 +483,9 @@ def train(args: TrainArgs, callbacks: list | None = None) -> Path:
     trainer = _make_trainer_class()(model=model, args=targs, train_dataset=dataset,
                                     data_collator=PadCollator(tok.pad_token_id),
                                     callbacks=_callbacks(args, sync) + list(callbacks or []))
+    if args.fsdp_config and not trainer.is_fsdp_enabled:
+        raise ValueError(f"--fsdp-config {args.fsdp_config}: FSDP needs GPUs (accelerate enables it only on "
+                         "accelerator devices; on CPU this run would silently be plain DDP); drop the option here")
     if trainer.is_world_process_zero() and (ckpt_dir / STAGING_DIR).exists():
         shutil.rmtree(ckpt_dir / STAGING_DIR)  # left by a run killed while writing a checkpoint
     resume_from = last_complete_checkpoint(ckpt_dir) if args.resume else None
@@ -460,8 +499,10 @@ def train(args: TrainArgs, callbacks: list | None = None) -> Path:
     run_config["train_seconds"] = time.perf_counter() - t0
     if sync is not None:
         run_config["rank_sync"] = asdict(sync)
+    with full_parameters(model):  # ZeRO-3: gather the adapter's shards before rank 0 writes it
+        if trainer.is_world_process_zero():
+            model.save_pretrained(out / ADAPTER_DIR)
     if trainer.is_world_process_zero():
-        model.save_pretrained(out / ADAPTER_DIR)
         atomic_write(out / "train_log.json",
                      lambda p: Path(p).write_text(json.dumps(trainer.state.log_history, indent=2)))
         atomic_write(out / RUN_CONFIG,
