@@ -100,3 +100,37 @@ def test_fsdp_on_cpu_is_refused_instead_of_silently_running_ddp(setup, tmp_path)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env_1thread(), cwd=ROOT)
     assert proc.returncode == 2
     assert "FSDP needs GPUs" in proc.stderr and not out.exists()
+
+
+def test_fsdp2_sharded_base_and_adapter_train_like_one_process(tmp_path):
+    """The adapter with sharded base weights: torch FSDP2 (``fully_shard``) on 2 CPU ranks, without the Trainer
+    (accelerate enables FSDP only on GPUs). Losses and the adapter gathered from the shards equal one process."""
+    import fsdp_worker as w
+
+    from slimpeft import SlimConfig
+    from slimpeft.model import get_slim_model
+
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(Path(__file__).with_name("fsdp_worker.py")), str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, env=env_1thread(), cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["param_type"] == "DTensor"  # the parameters really were sharded
+    from conftest import tiny_llama
+
+    torch.manual_seed(0)
+    model = get_slim_model(tiny_llama(), SlimConfig(**w.CONFIG))
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=w.LR)
+    torch.manual_seed(1)
+    for step, ids in enumerate(w.global_batches()):
+        loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        assert result["losses"][step] == pytest.approx(float(loss), abs=ATOL), step
+    got, ref = load_file(tmp_path / "adapter.safetensors"), model.adapter_state_dict()
+    assert got.keys() == ref.keys()
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=0, atol=ATOL, msg=k)
+    assert max(float(v.abs().max()) for k, v in got.items() if k.endswith("lora_B")) > 1e-3

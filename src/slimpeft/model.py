@@ -221,8 +221,9 @@ class AdaptedModel(ModelWrapper):
 
     # ------------------------------------------------------------------------------------------ saving
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """Adapter tensors only (experts, routers, cluster buffers), no base weights."""
-        return {f"{name}.{k}": v.detach().contiguous().cpu()
+        """Adapter tensors only (experts, routers, cluster buffers), no base weights. Under FSDP2 the parameters are
+        DTensor shards: they are gathered whole (a collective: every rank must call this)."""
+        return {f"{name}.{k}": (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().contiguous().cpu()
                 for name, layer in self.adapter_layers().items()
                 for k, v in layer.state_dict().items() if not k.startswith("base_layer.")}
 

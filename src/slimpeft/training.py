@@ -109,9 +109,13 @@ class TrainArgs:
             errs.append(f"--data {self.data}: file not found")
         if self.method in methods.available():
             try:
-                methods.make_config(self.method, **self.overrides)
+                cfg = methods.make_config(self.method, **self.overrides)
             except (ValueError, TypeError) as e:
                 errs.append(f"--set: {e}")
+            else:
+                if self.fsdp_config and getattr(cfg, "l1_weight", 0) > 0:
+                    errs.append("--fsdp-config: FSDP2 reshards the parameters after each forward pass, before the L1 "
+                                "penalty reads them (torch: 'mixed torch.Tensor and DTensor'); add --set l1_weight=0")
         return errs
 
 
@@ -403,7 +407,8 @@ class RankSync:
     def check(self, model: torch.nn.Module, step: int) -> None:
         import torch.distributed as dist
 
-        named = [(n, p.detach()) for n, p in model.named_parameters() if p.requires_grad]
+        named = [(n, (p.full_tensor() if hasattr(p, "full_tensor") else p).detach())  # FSDP2: whole tensors
+                 for n, p in model.named_parameters() if p.requires_grad]
         self.n_params = len(named)
         bufs = [(n, b) for n, b in model.named_buffers()]
         self.n_buffers = len(bufs)
@@ -502,6 +507,8 @@ def train(args: TrainArgs, callbacks: list | None = None) -> Path:
     with full_parameters(model):  # ZeRO-3: gather the adapter's shards before rank 0 writes it
         if trainer.is_world_process_zero():
             model.save_pretrained(out / ADAPTER_DIR)
+        elif trainer.is_fsdp_enabled:
+            model.adapter_state_dict()  # FSDP2: gathering the DTensor shards is a collective that rank 0 runs too
     if trainer.is_world_process_zero():
         atomic_write(out / "train_log.json",
                      lambda p: Path(p).write_text(json.dumps(trainer.state.log_history, indent=2)))
