@@ -113,6 +113,26 @@ def test_mask_without_rescale_shrinks_expectation():
     assert (acc / torch.bmm(B, A)).median().item() == pytest.approx(0.5, abs=0.05)
 
 
+@pytest.mark.parametrize("floor", [0.0, 0.1])
+def test_spread_floor_guards_clusters_of_near_constant_tokens(floor):
+    cfg = SlimConfig(n_clusters=2, spread_floor=floor, ood_score="standardized")
+    cl = SlidingClusters(2, cfg)
+    # cluster 1 was fitted on one repeated token (e.g. the first position): its variances are ~0
+    cl.centers.copy_(torch.tensor([[0.0, 0.0], [10.0, 10.0]]))
+    cl.variances.copy_(torch.tensor([[2.0, 8.0], [1e-6, 1e-6]]))
+    cl.agg_mean.copy_(torch.tensor([1.0, 0.0]))
+    cl.agg_var.copy_(torch.tensor([1.0, 1e-6]))
+    cl.initialized.fill_(True)
+    k, agg = cl.assign(torch.tensor([[10.1, 10.0]]))  # a token 0.1 away from cluster 1's centre
+    assert k.tolist() == [1]
+    u = cl.standardize(agg, k)
+    if floor == 0.0:  # the literal form: 0.1 / 1e-3 = 100 spreads, then 100 / 1e-3 = 1e5 aggregate spreads
+        assert agg.item() == pytest.approx(100.0, rel=1e-3) and u.item() == pytest.approx(1e5, rel=1e-3)
+    else:  # channel var floor 0.1 * mean(2, 1e-6) ~ 0.1 and 0.1 * mean(8, 1e-6) ~ 0.4; agg var floor ~ 0.05
+        assert agg.item() == pytest.approx(0.1 / 0.1**0.5, rel=1e-3)
+        assert u.item() == pytest.approx(agg.item() / (0.1 * (1 + 1e-6) / 2) ** 0.5, rel=1e-3)
+
+
 def test_sliding_cluster_update_matches_hand_computation():
     cfg = SlimConfig(n_clusters=2, cluster_momentum=0.5)
     cl = SlidingClusters(2, cfg)

@@ -78,14 +78,32 @@ class SlidingClusters(nn.Module):
         # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2; ||x||^2 is constant per row, so it drops out of the argmin.
         dist2 = (c * c).sum(-1)[None, :] - 2.0 * (x @ c.T)  # (n, c)
         k = dist2.argmin(-1)  # (n,)
-        inv_sd = torch.rsqrt(self.variances.clamp_min(_EPS))  # (c, i): once per call, not per token
+        inv_sd = self.inv_sd()  # (c, i): once per call, not per token
         z = (x - c[k]).abs_().mul_(inv_sd[k])  # (n, i)
         agg = z.amax(-1) if self.config.distance == "max" else z.square().mean(-1).sqrt()  # (n,)
         return k, agg
 
+    def _floored(self, var: torch.Tensor) -> torch.Tensor:
+        """var_k <- max(var_k, spread_floor * mean over clusters of var), per channel for (c, i), or for (c,)."""
+        f = self.config.spread_floor
+        var = var.clamp_min(_EPS)
+        return torch.maximum(var, f * var.mean(0, keepdim=True)) if f > 0 else var
+
+    def inv_sd(self) -> torch.Tensor:
+        """1 / sd of every cluster's channels (floored), (c, i)."""
+        return torch.rsqrt(self._floored(self.variances))
+
+    def agg_sd(self) -> torch.Tensor:
+        """In-domain spread sd_k of every cluster's aggregate score (floored), (c,)."""
+        return self._floored(self.agg_var).sqrt()
+
+    def calibrated_tau(self) -> torch.Tensor:
+        """Threshold of the calibrated score per cluster, mu_k + threshold_std * sd_k, (c,)."""
+        return self.agg_mean + self.config.threshold_std * self.agg_sd()
+
     def standardize(self, agg: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """u = (agg - mu_k) / sd_k: the aggregate in units of cluster k's in-domain spread, (n,)."""
-        return (agg - self.agg_mean[k]) * torch.rsqrt(self.agg_var[k].clamp_min(_EPS))
+        return (agg - self.agg_mean[k]) / self.agg_sd()[k]
 
     def token_score(self, agg: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """Per-token d >= 0 under the configured ``ood_score``, (n,)."""
@@ -93,8 +111,7 @@ class SlidingClusters(nn.Module):
         if mode == "paper":
             return (agg - 1.0).clamp_min(0.0)
         if mode == "calibrated":
-            tau = self.agg_mean[k] + t * self.agg_var[k].clamp_min(0.0).sqrt()
-            return (agg - tau).clamp_min(0.0)
+            return (agg - self.calibrated_tau()[k]).clamp_min(0.0)
         return (self.standardize(agg, k) - t).clamp_min(0.0)
 
     def pooled_score(self, pooled_u: torch.Tensor) -> torch.Tensor:
@@ -123,31 +140,38 @@ class SlidingClusters(nn.Module):
         self.initialized.fill_(True)
 
     @torch.no_grad()
-    def update(self, x: torch.Tensor, k: torch.Tensor, agg: torch.Tensor) -> None:
-        """One sliding step from tokens x (n, i) assigned to k (n,) with aggregates agg (n,)."""
+    def update(self, x: torch.Tensor, k: torch.Tensor, agg: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        """One sliding step from tokens x (n, i) assigned to k (n,) with aggregates agg (n,).
+
+        ``valid`` (n,) bool marks the tokens that count (padding does not); it weights the tokens instead of
+        selecting them, so no (n, i) copy and no host sync is needed. A step with no valid token changes nothing.
+        """
         m = self.config.cluster_momentum
         c, i = self.centers.shape
-        onehot = torch.zeros(x.shape[0], c, device=x.device, dtype=x.dtype)
-        onehot[torch.arange(x.shape[0], device=x.device), k] = 1.0  # (n, c)
+        w = x.new_ones(x.shape[0]) if valid is None else valid.to(x.dtype)  # (n,) 1 = counts, 0 = padding
+        onehot = x.new_zeros(x.shape[0], c).scatter_(1, k[:, None], w[:, None])  # (n, c)
         # one all-reduce carries counts (c), sums (c, i) and sums of squares (c, i)
         stats = torch.cat([onehot.sum(0)[:, None], onehot.T @ x, onehot.T @ (x * x)], dim=1)  # (c, 1 + 2i)
         stats = _all_reduce_sum(stats)
         count, s1, s2 = stats[:, 0], stats[:, 1 : 1 + i], stats[:, 1 + i :]
-        hit = count > 0
-        mean = s1[hit] / count[hit, None]
-        var = (s2[hit] / count[hit, None] - mean * mean).clamp_min(0.0)
-        self.centers[hit] = m * self.centers[hit] + (1.0 - m) * mean
-        self.variances[hit] = (m * self.variances[hit] + (1.0 - m) * var).clamp_min(_EPS)
-        self._update_agg_stats(agg, k, momentum=m)
-        self.n_updates += 1
+        hit = (count > 0)[:, None]  # (c, 1): clusters that got a token; the others keep their statistics
+        n_k = count.clamp_min(1.0)[:, None]  # equals count where hit
+        mean = s1 / n_k
+        var = (s2 / n_k - mean * mean).clamp_min(0.0)
+        self.centers.copy_(torch.where(hit, m * self.centers + (1.0 - m) * mean, self.centers))
+        self.variances.copy_(torch.where(hit, (m * self.variances + (1.0 - m) * var).clamp_min(_EPS), self.variances))
+        self._update_agg_stats(agg, k, momentum=m, weight=w)
+        self.n_updates += (count.sum() > 0).to(self.n_updates.dtype)
 
     @torch.no_grad()
-    def _update_agg_stats(self, agg: torch.Tensor, k: torch.Tensor, momentum: float) -> None:
+    def _update_agg_stats(self, agg: torch.Tensor, k: torch.Tensor, momentum: float,
+                          weight: torch.Tensor | None = None) -> None:
         c = self.centers.shape[0]
+        w = torch.ones_like(agg) if weight is None else weight  # (n,)
         stats = torch.zeros(3, c, device=agg.device)
-        stats[0].index_add_(0, k, torch.ones_like(agg))
-        stats[1].index_add_(0, k, agg)
-        stats[2].index_add_(0, k, agg * agg)
+        stats[0].index_add_(0, k, w)
+        stats[1].index_add_(0, k, agg * w)
+        stats[2].index_add_(0, k, agg * agg * w)
         stats = _all_reduce_sum(stats)
         count, s1, s2 = stats
         hit = count > 0
@@ -156,10 +180,11 @@ class SlidingClusters(nn.Module):
             g_mean, g_var = s1.sum() / n, (s2.sum() / n - (s1.sum() / n) ** 2).clamp_min(_EPS)
             self.agg_mean.fill_(g_mean)
             self.agg_var.fill_(g_var)
-        mean = s1[hit] / count[hit]
-        var = (s2[hit] / count[hit] - mean * mean).clamp_min(_EPS)
-        self.agg_mean[hit] = momentum * self.agg_mean[hit] + (1.0 - momentum) * mean
-        self.agg_var[hit] = momentum * self.agg_var[hit] + (1.0 - momentum) * var
+        n_k = count.clamp_min(1.0)  # equals count where hit
+        mean = s1 / n_k
+        var = (s2 / n_k - mean * mean).clamp_min(_EPS)
+        self.agg_mean.copy_(torch.where(hit, momentum * self.agg_mean + (1.0 - momentum) * mean, self.agg_mean))
+        self.agg_var.copy_(torch.where(hit, momentum * self.agg_var + (1.0 - momentum) * var, self.agg_var))
 
     @torch.no_grad()
     def update_pool_stats(self, pooled_u: torch.Tensor, first: bool) -> None:

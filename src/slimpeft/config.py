@@ -77,6 +77,14 @@ class SlimConfig:
     threshold_std: float = field(
         default=2.0, metadata={"help": "Threshold of the calibrated/standardized score, in in-domain std units."}
     )
+    spread_floor: float = field(
+        default=0.1,
+        metadata={"help": "Floor of every cluster's spread, as a fraction of the layer's mean spread (channel "
+                  "variances and aggregate-score variances alike): var_k <- max(var_k, spread_floor * mean_k var). "
+                  "A cluster fitted on near-constant tokens (e.g. the first position, whose activations barely vary) "
+                  "otherwise has ~0 variance and scores every other token thousands of spreads away. 0 = off "
+                  "(the paper's literal form)."},
+    )
     ood_pooling: OodPooling = field(
         default="token",
         metadata={
@@ -155,7 +163,7 @@ class SlimConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not (lo <= v < hi if hi_open else v <= hi):
                 errs.append(f"`{name}`={v!r} must lie in [{lo}, {hi})")
-        for name in ("alpha", "yield_strength", "l1_weight", "router_init_std", "threshold_std"):
+        for name in ("alpha", "yield_strength", "l1_weight", "router_init_std", "threshold_std", "spread_floor"):
             v = getattr(self, name)
             try:
                 ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v)) and v >= 0

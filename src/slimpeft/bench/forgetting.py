@@ -46,7 +46,9 @@ SLIM_BENCH: dict[str, Any] = {"ood_pooling": "sequence", "ood_score": "standardi
 
 # SLIM ablations: name -> overrides applied on top of SLIM_BENCH
 ABLATIONS: dict[str, dict[str, Any]] = {
-    "paper": {"ood_pooling": "token", "ood_score": "paper", "ood_source": "own", "yield_strength": 1.0},
+    "paper": {"ood_pooling": "token", "ood_score": "paper", "ood_source": "own", "yield_strength": 1.0,
+              "spread_floor": 0.0},
+    "no-spread-floor": {"spread_floor": 0.0},
     "token-calibrated": {"ood_pooling": "token", "ood_score": "calibrated", "ood_source": "own",
                          "yield_strength": 1.0},
     "own-layer-score": {"ood_source": "own"},
