@@ -448,12 +448,12 @@ def train(args: TrainArgs, callbacks: list | None = None) -> Path:
     base, tok = load_base(args.base)
     dataset = SupervisedDataset(examples, tok, args.max_length)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     model = methods.build(args.method, base, **args.overrides)
     trainable, total = model.get_nb_trainable_parameters()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cpu = not torch.cuda.is_available()
     ckpt_dir = out / "checkpoints"
+    fresh = not out.exists()
     targs = TrainingArguments(
         output_dir=str(ckpt_dir),
         max_steps=args.steps,
@@ -488,9 +488,19 @@ def train(args: TrainArgs, callbacks: list | None = None) -> Path:
     trainer = _make_trainer_class()(model=model, args=targs, train_dataset=dataset,
                                     data_collator=PadCollator(tok.pad_token_id),
                                     callbacks=_callbacks(args, sync) + list(callbacks or []))
-    if args.fsdp_config and not trainer.is_fsdp_enabled:
-        raise ValueError(f"--fsdp-config {args.fsdp_config}: FSDP needs GPUs (accelerate enables it only on "
-                         "accelerator devices; on CPU this run would silently be plain DDP); drop the option here")
+    fsdp_asked = bool(args.fsdp_config) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+    refusal = None
+    if fsdp_asked and not trainer.is_fsdp_enabled:
+        refusal = ValueError("FSDP was asked for (--fsdp-config or an accelerate FSDP config) but accelerate enables "
+                             "it only on accelerator devices: on CPU this run would silently be plain DDP")
+    elif trainer.is_fsdp_enabled and getattr(getattr(model, "slim_config", None), "l1_weight", 0) > 0:
+        refusal = ValueError("FSDP2 reshards the parameters after each forward pass, before SLIM's L1 penalty reads "
+                             "them (torch: 'mixed torch.Tensor and DTensor'); add --set l1_weight=0")
+    if refusal is not None:
+        if fresh:  # the Trainer created the output folder: a refused run leaves nothing behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise refusal
+    out.mkdir(parents=True, exist_ok=True)
     if trainer.is_world_process_zero() and (ckpt_dir / STAGING_DIR).exists():
         shutil.rmtree(ckpt_dir / STAGING_DIR)  # left by a run killed while writing a checkpoint
     resume_from = last_complete_checkpoint(ckpt_dir) if args.resume else None
