@@ -53,7 +53,7 @@ METHODS: tuple[str, ...] = ("slim", "lora", "dora", "loramoe", "mola", "full")
 # from downstream inputs best on the shipped base (BENCHMARKS.md, `bench separation`); a sentence encoder reads the
 # whole sequence at once, so sequence pooling is natural here.
 SLIM_ENCODER: dict[str, Any] = {"ood_pooling": "sequence", "ood_score": "standardized", "yield_strength": 8.0}
-BASE_LR: dict[str, float] = {"slim": 2e-3, "lora": 2e-3, "dora": 2e-3, "loramoe": 2e-3, "mola": 2e-3, "full": 5e-5}
+BASE_LR: dict[str, float] = {"slim": 5e-4, "lora": 5e-4, "dora": 5e-4, "loramoe": 5e-4, "mola": 5e-4, "full": 3e-5}
 
 
 @dataclass
