@@ -315,6 +315,13 @@ def _make_trainer_class():
             root = Path(super()._get_output_dir(trial))
             name = f"checkpoint-{self.state.global_step}"
             bad = [n for n, p in model.named_parameters() if p.requires_grad and not p.isfinite().all()]
+            flag = torch.tensor([float(bool(bad))], device=next(model.parameters()).device)  # NCCL: on the GPU
+            if _world()[1] > 1:  # shards (ZeRO-3, FSDP) differ between ranks: all stop or none
+                import torch.distributed as dist
+
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                if flag.item() and not bad:
+                    bad = ["(a parameter shard of another rank)"]
             if bad:  # never let a checkpoint hold non-finite weights: it would replace a good one in the rotation
                 last = last_complete_checkpoint(root)
                 raise FloatingPointError(
@@ -413,7 +420,7 @@ class RankSync:
         bufs = [(n, b) for n, b in model.named_buffers()]
         self.n_buffers = len(bufs)
         named += bufs
-        diffs = torch.zeros(len(named), dtype=torch.float64)
+        diffs = torch.zeros(len(named), dtype=torch.float64, device=named[0][1].device)  # NCCL: on the GPU
         for i, (_, t) in enumerate(named):
             ref = t.clone()
             dist.broadcast(ref, src=0)
