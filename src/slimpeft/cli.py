@@ -292,7 +292,7 @@ def bench_forgetting(
 
 @bench_app.command("encoder")
 def bench_encoder(
-    profile: Annotated[str, typer.Option(help="quick (~10 min on 2 CPU cores: one seed) or full (3 seeds, LR grid "
+    profile: Annotated[str, typer.Option(help="quick (~13 min on 2 CPU cores: one seed) or full (3 seeds, LR grid "
                                               "on a validation split, larger samples)")] = "quick",
     out: Annotated[str, typer.Option(help="results folder; records, summary.json and encoder.png go to "
                                           "OUT/<profile>/")] = "results/encoder",
