@@ -82,25 +82,43 @@ def auto_dispatch(k: int, n_experts: int, device: torch.device) -> Dispatch:
 
 
 def _dense_gate(weights: torch.Tensor, indices: torch.Tensor, n_experts: int) -> torch.Tensor:
-    """Scatter per-slot weights into an (n, e) gate; identity slots (id >= e) land in a dropped tail."""
-    n, k = indices.shape
-    width = max(n_experts, int(indices.max()) + 1) if indices.numel() else n_experts
-    gate = weights.new_zeros(n, width).scatter_add(1, indices, weights)  # (n, e + identities)
-    return gate[:, :n_experts]  # (n, e)
+    """Scatter per-slot weights into an (n, e) gate; identity slots (id >= e) carry weight 0.
+
+    Identity slots are sent to column e - 1 with weight 0 (adding 0 changes nothing) rather than to a wider gate
+    sliced afterwards: the width would need ``indices.max()`` on the host, a device sync per layer.
+    """
+    lora = indices < n_experts  # (n, k)
+    return weights.new_zeros(indices.shape[0], n_experts).scatter_add(
+        1, indices.clamp_max(n_experts - 1), weights * lora)  # (n, e)
+
+
+def stack_B(B: torch.Tensor) -> torch.Tensor:
+    """B (e, o, r) -> B_cat (e*r, o): every up-projection side by side, the right operand of the dense mix."""
+    e, o, r = B.shape
+    return B.permute(0, 2, 1).reshape(e * r, o)  # a copy: (e, r, o) is not a view of (e, o, r)
+
+
+def dense_mix(h: torch.Tensor, B_cat: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, n_experts: int,
+              scaling: float, base: torch.Tensor | None) -> torch.Tensor:
+    """Routed up-projection of the down-projections h (n, e*r) (a strided view is fine) -> (n, o), plus ``base``.
+
+    The routing weights and the scale are applied to the small (n, e*r) activations, and the addition of the base
+    output is fused into the matmul (one pass over the (n, o) output instead of three).
+    """
+    n = h.shape[0]
+    gate = _dense_gate(weights.to(h.dtype), indices, n_experts) * scaling  # (n, e), the scale folded in (small)
+    hw = (h.view(n, n_experts, -1) * gate[:, :, None]).reshape(n, -1)  # (n, e*r)
+    if base is not None and base.dtype == hw.dtype:
+        return torch.addmm(base, hw, B_cat)  # base + hw @ B_cat in one pass
+    y = hw @ B_cat  # (n, o)
+    return y if base is None else base + y.to(base.dtype)
 
 
 def _dense_lowrank(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, weights: torch.Tensor,
                    indices: torch.Tensor, scaling: float, base: torch.Tensor | None) -> torch.Tensor:
     e, r, i = A.shape
-    n = x.shape[0]
-    h = (x @ A.reshape(e * r, i).T).view(n, e, r)  # (n, e, r): all down-projections in one matmul
-    gate = _dense_gate(weights.to(h.dtype), indices, e) * scaling  # (n, e), the scale folded in (small)
-    hw = (h * gate[:, :, None]).reshape(n, e * r)  # (n, e*r)
-    B_cat = B.permute(0, 2, 1).reshape(e * r, -1)  # (e*r, o)
-    if base is not None and base.dtype == hw.dtype:
-        return torch.addmm(base, hw, B_cat)  # base + hw @ B_cat in one pass
-    y = hw @ B_cat  # (n, o)
-    return y if base is None else base + y.to(base.dtype)
+    h = x @ A.reshape(e * r, i).T  # (n, e*r): all down-projections in one matmul
+    return dense_mix(h, stack_B(B), weights, indices, e, scaling, base)
 
 
 def _slots(weights: torch.Tensor, indices: torch.Tensor, n_experts: int):

@@ -14,14 +14,14 @@ base output's dtype. Adapter weights and the router are float32 whatever the bas
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import nn
 
 from .clustering import SlidingClusters
 from .config import SlimConfig
-from .experts import LoraExperts
+from .experts import LoraExperts, auto_dispatch, dense_mix, stack_B
 from .masking import apply_fast_masks, dare_delta, dare_mask, fast_masks
 from .router import route
 
@@ -81,6 +81,37 @@ def adapter_tensor_specs(config: SlimConfig, d_in: int, d_out: int) -> dict[str,
     }
 
 
+@dataclass
+class EvalWeights:
+    """What the eval-mode fast path reuses across forward passes (no gradient), rebuilt when any source changes.
+
+    W stacks, row-wise, the cluster centres (c rows; none when the layer does not score), the router (E rows) and
+    the masked down-projections A' (e*r rows), so that one ``addmm`` gives, per token, the nearest-centre criterion,
+    the router logits and every expert's down-projection. ``bias`` is -||c||^2 / 2 on the centre columns (0
+    elsewhere): argmax_k (x.c_k - ||c_k||^2 / 2) = argmin_k ||x - c_k||^2.
+    """
+
+    W: torch.Tensor  # (c + E + e*r, i) float32
+    bias: torch.Tensor  # (c + E + e*r,) float32
+    n_centers: int  # c, or 0 when no score is needed (no identity expert, no yielding, clusters never trained)
+    table: torch.Tensor | None  # (c, 2i): centre and 1 / sd per channel of every cluster
+    tau: torch.Tensor | None  # (c,) threshold of the calibrated score (ood_score == "calibrated")
+    B_cat: torch.Tensor  # (e*r, o) masked up-projections side by side
+    A: torch.Tensor  # (e, r, i) masked A (the sparse dispatch's operand)
+    B: torch.Tensor  # (e, o, r) masked B
+
+
+# SlimConfig fields the eval fast path implements (values checked in SlimLinear._fast_eval). A field added later
+# must keep its default for the fast path to run: a new routing option falls back to the reference path until the
+# fast path is taught it.
+_FAST_EVAL_FIELDS = frozenset({
+    "r", "alpha", "n_lora_experts", "n_identity_experts", "top_k", "target_modules", "n_clusters",
+    "cluster_momentum", "distance", "ood_score", "threshold_std", "ood_pooling", "ood_source", "yield_strength",
+    "mask_rate", "mask_mode", "mask_rescale", "inference_mask", "l1_weight", "router_init_std", "seed",
+    "spread_floor",
+})
+
+
 def layer_seed(seed: int, name: str) -> int:
     """A stable per-layer seed (same across processes and runs) for init and the fixed inference masks."""
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**31 - 1)
@@ -104,8 +135,13 @@ class SlimLinear(nn.Module):
         self.ctx = RoutingContext()
         self.disabled = False
         self.records: list[dict[str, torch.Tensor]] = []
+        self._new_options = [(f.name, f.default) for f in fields(config) if f.name not in _FAST_EVAL_FIELDS]
         self._mask_cache: tuple[tuple, tuple] | None = None
         self._last_u: torch.Tensor | None = None
+        # (sum (b,), count (b,), length) of the pooled score over the sequence seen so far, for KV-cache steps
+        self._pool_state: tuple[torch.Tensor, torch.Tensor, int] | None = None
+        self._init_seen: tuple | None = None  # (version, tensor, value) of clusters.initialized
+        self._eval_cache: tuple[tuple, EvalWeights] | None = None
 
     # ------------------------------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -115,6 +151,8 @@ class SlimLinear(nn.Module):
         cfg = self.config
         lead = x.shape[:-1]
         xf = x.reshape(-1, self.d_in)  # (n, i)
+        if self._fast_eval():
+            return self._eval_forward(xf, result.reshape(-1, self.d_out)).view(*lead, self.d_out)
         valid = valid_token_mask(self.ctx.attention_mask, lead)  # (n,) bool or None
         d = self._ood_score(xf, lead, valid)  # (n,) float32 or None
         ro = route(xf, self.router, "top_k", top_k=cfg.top_k, d=d, n_lora=cfg.n_lora_experts,
@@ -129,6 +167,70 @@ class SlimLinear(nn.Module):
     def l1_penalty(self) -> torch.Tensor:
         return self.experts.l1_penalty()
 
+    # ------------------------------------------------------------------------------------------ eval fast path
+    def _fast_eval(self) -> bool:
+        """Inference (eval mode, no gradient, no recording) with per-token routing on the layer's own clusters."""
+        cfg = self.config
+        return (not self.training and not torch.is_grad_enabled() and not self.ctx.record
+                and cfg.ood_pooling == "token" and cfg.ood_source == "own" and cfg.mask_mode != "dare"
+                and all(getattr(cfg, name) == default for name, default in self._new_options))
+
+    def _eval_forward(self, xf: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """The reference forward's result in eval mode (same math, checked by tests/test_speed.py) with what does not
+        change between calls cached: one addmm for centres, router and down-projections; no mask draw; no copy of B.
+        xf (n, i), base (n, o) -> (n, o)."""
+        cfg, ew = self.config, self._eval_weights()
+        x = xf.float()
+        H = torch.addmm(ew.bias, x, ew.W.T)  # (n, c + E + e*r)
+        c, E, n_lora = ew.n_centers, cfg.n_experts, cfg.n_lora_experts
+        logits = H[:, c : c + E]  # (n, E) router logits
+        if c:  # weight yielding: identity logits += gamma * d(x)
+            k = H[:, :c].argmax(-1)  # (n,) nearest centre
+            g = ew.table[k]  # (n, 2i): centre and 1 / sd of each token's centre
+            z = (x - g[:, : self.d_in]).abs_().mul_(g[:, self.d_in :])  # (n, i) per-channel z-scores
+            agg = z.amax(-1) if cfg.distance == "max" else z.square().mean(-1).sqrt()  # (n,)
+            if cfg.ood_score == "calibrated":
+                d = (agg - ew.tau[k]).clamp_min(0.0)
+            else:
+                d = self.clusters.token_score(agg, k)
+            logits[:, n_lora:] += cfg.yield_strength * d[:, None]
+        vals, idx = logits.topk(cfg.top_k, dim=-1)  # (n, k)
+        w = vals.softmax(-1)
+        if auto_dispatch(cfg.top_k, n_lora, x.device) == "dense":
+            return dense_mix(H[:, c + E :], ew.B_cat, w, idx, n_lora, self.experts.scaling, base)
+        return self.experts(x, w, idx, A=ew.A, B=ew.B, base=base)
+
+    def _eval_weights(self) -> EvalWeights:
+        cfg, ex, cl = self.config, self.experts, self.clusters
+        sources = (ex.lora_A, ex.lora_B, self.router, cl.centers, cl.variances, cl.agg_mean, cl.agg_var,
+                   cl.initialized)
+        key = (cfg.mask_mode, cfg.mask_rate, cfg.mask_rescale, cfg.inference_mask, cfg.distance, cfg.ood_score,
+               cfg.threshold_std, cfg.spread_floor, cfg.yield_strength,
+               *((id(t), t._version, t.data_ptr()) for t in sources))
+        if self._eval_cache is not None and self._eval_cache[0] == key:
+            return self._eval_cache[1]
+        with torch.no_grad():
+            A, B = ex.lora_A.detach().float(), ex.lora_B.detach().float()
+            e, r, i = A.shape
+            if cfg.mask_mode == "fast" and cfg.mask_rate > 0.0 and cfg.inference_mask == "fixed":
+                gen = torch.Generator(device="cpu").manual_seed(self.mask_seed)  # the mask _masked_weights draws
+                col, row = fast_masks(e, self.d_in, self.d_out, cfg.mask_rate, rescale=cfg.mask_rescale,
+                                      generator=gen, device=A.device)
+                A, B = apply_fast_masks(A, B, col, row)
+            scores = cfg.n_identity_experts > 0 and cfg.yield_strength != 0.0 and self._clusters_initialized()
+            centers = cl.centers.float() if scores else A.new_zeros(0, i)
+            W = torch.cat([centers, self.router.detach().float(), A.reshape(e * r, i)])  # (c + E + e*r, i)
+            bias = torch.zeros(W.shape[0], device=W.device)
+            bias[: centers.shape[0]] = -0.5 * (centers * centers).sum(-1)
+            table = tau = None
+            if scores:
+                table = torch.cat([centers, cl.inv_sd()], dim=1)  # (c, 2i)
+                tau = cl.calibrated_tau()
+            ew = EvalWeights(W=W, bias=bias, n_centers=centers.shape[0], table=table, tau=tau, B_cat=stack_B(B),
+                             A=A, B=B)
+        self._eval_cache = (key, ew)
+        return ew
+
     # ------------------------------------------------------------------------------------------ parts
     @torch.no_grad()
     def _ood_score(self, xf: torch.Tensor, lead: torch.Size, valid: torch.Tensor | None) -> torch.Tensor | None:
@@ -141,12 +243,13 @@ class SlimLinear(nn.Module):
             return ctx.carried_score
         x = xf.detach().float()
         self._last_u = None
-        xv = x if valid is None else x[valid]
         just_initialized = False
-        if self.training and not bool(cl.initialized) and xv.shape[0] > 0:
-            cl.initialize(xv)
-            just_initialized = True
-        if not bool(cl.initialized):  # never trained: no evidence of anything being out of domain
+        if self.training and not self._clusters_initialized():
+            xv = x if valid is None else x[valid]
+            if xv.shape[0] > 0:
+                cl.initialize(xv)
+                just_initialized = True
+        if not self._clusters_initialized():  # never trained: no evidence of anything being out of domain
             d = x.new_zeros(x.shape[0])
         else:
             k, agg = cl.assign(x)
@@ -156,8 +259,8 @@ class SlimLinear(nn.Module):
                     self._last_u = agg if cfg.ood_score == "paper" else cl.standardize(agg, k)
             else:
                 d = self._pooled_score(agg, k, lead, valid, just_initialized)
-            if self.training and not just_initialized and xv.shape[0] > 0:
-                cl.update(xv, k if valid is None else k[valid], agg if valid is None else agg[valid])
+            if self.training and not just_initialized:
+                cl.update(x, k, agg, valid)  # padding weighted out, not copied out
         if cfg.ood_source == "max" and carried:  # flagged by any earlier layer -> flagged here too
             d = torch.maximum(d, ctx.carried_score)
             if self._last_u is not None and ctx.carried_u is not None:
@@ -165,6 +268,20 @@ class SlimLinear(nn.Module):
         if cfg.ood_source != "own":
             ctx.carried_score, ctx.carried_u = d, self._last_u
         return d
+
+    def _clusters_initialized(self) -> bool:
+        """``clusters.initialized`` as a Python bool, read from the tensor only when it changed (no per-step sync)."""
+        flag = self.clusters.initialized
+        if self._init_seen is None or self._init_seen[0] != flag._version or self._init_seen[1] is not flag:
+            self._init_seen = (flag._version, flag, bool(flag))
+        return self._init_seen[2]
+
+    def _cached_length(self, b: int, t: int) -> int | None:
+        """Length of the whole sequence so far (attention-mask columns) when the mask describes these b rows."""
+        m = self.ctx.attention_mask
+        if m is None or m.dim() != 2 or m.shape[0] != b or m.shape[1] < t:
+            return None
+        return int(m.shape[1])
 
     def _pooled_score(self, agg: torch.Tensor, k: torch.Tensor, lead: torch.Size, valid: torch.Tensor | None,
                       just_initialized: bool) -> torch.Tensor:
@@ -178,10 +295,19 @@ class SlimLinear(nn.Module):
         if cfg.ood_score == "standardized" and self.training:
             if just_initialized:  # the routing-level spread must exist before the first score is taken
                 cl.update_pool_stats(seq, first=True)
-        if cfg.ood_pooling == "sequence":
+        total = self._cached_length(b, t)
+        S, N = (U * V).cumsum(1), V.cumsum(1)  # (b, t) running sums and counts of real tokens
+        if total is not None and self._pool_state is not None and self._pool_state[2] == total - t:
+            # a KV-cache step of generation: the new tokens continue the sequence the earlier calls saw, so they
+            # pool with it (prefix mean over everything so far) instead of only with themselves
+            S, N = S + self._pool_state[0][:, None], N + self._pool_state[1][:, None]
+            pooled = S / N.clamp_min(1.0)  # (b, t)
+        elif cfg.ood_pooling == "sequence":
             pooled = seq[:, None].expand(b, t)  # (b, t)
         else:
-            pooled = (U * V).cumsum(1) / V.cumsum(1).clamp_min(1.0)  # (b, t) prefix means
+            pooled = S / N.clamp_min(1.0)  # (b, t) prefix means
+        # what a following KV-cache step continues from (inference only; training never generates)
+        self._pool_state = None if self.training or total is None else (S[:, -1], N[:, -1], total)
         d = cl.pooled_score(pooled) if cfg.ood_score == "standardized" else pooled
         if self.ctx.record:
             self._last_u = pooled.reshape(-1)
