@@ -247,15 +247,36 @@ def test_generate_with_kv_cache_runs_through_the_adapter(ids):
     model = get_slim_model(tiny_llama(), SlimConfig(**SMALL, ood_pooling="causal", ood_score="standardized"))
     _train_steps(model, ids, n=2)
     _randomise_b(model)
-    out = model.generate(input_ids=ids[:1, :5], attention_mask=torch.ones(1, 5, dtype=torch.long),
-                         max_new_tokens=4, do_sample=False)
+    kw = dict(input_ids=ids[:1, :5], attention_mask=torch.ones(1, 5, dtype=torch.long), max_new_tokens=4,
+              min_new_tokens=4, do_sample=False)
+    out = model.generate(**kw)
     with model.disable_adapter():
-        base_out = model.generate(input_ids=ids[:1, :5], attention_mask=torch.ones(1, 5, dtype=torch.long),
-                                  max_new_tokens=4, do_sample=False)
+        base_out = model.generate(**kw)
     assert out.shape == (1, 9) and base_out.shape == (1, 9)
-    again = model.generate(input_ids=ids[:1, :5], attention_mask=torch.ones(1, 5, dtype=torch.long),
-                           max_new_tokens=4, do_sample=False)
-    assert torch.equal(out, again)
+    assert torch.equal(out, model.generate(**kw))
+    # causal pooling with a KV cache routes every new token as recomputing the whole sequence does
+    assert torch.equal(out, model.generate(**kw, use_cache=False))
+
+
+@pytest.mark.parametrize("pooling", ["causal", "sequence"])
+def test_kv_cache_steps_pool_with_the_sequence_seen_so_far(ids, pooling):
+    cfg = SlimConfig(**SMALL, ood_pooling=pooling, ood_score="standardized", threshold_std=0.0, yield_strength=4.0)
+    model = get_slim_model(tiny_llama(), cfg)
+    _train_steps(model, ids, n=2)
+    ids = ids + 0
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits  # (b, t, v)
+        pre = model(input_ids=ids[:, :-1], attention_mask=torch.ones_like(ids[:, :-1]), use_cache=True)
+        step = model(input_ids=ids[:, -1:], attention_mask=torch.ones_like(ids), past_key_values=pre.past_key_values,
+                     use_cache=True).logits[:, -1]
+        pre = model(input_ids=ids[:, :-1], attention_mask=torch.ones_like(ids[:, :-1]), use_cache=True)
+        for lyr in model.slim_layers().values():
+            lyr._pool_state = None  # forget the prompt: the step pools its own token only (the old behaviour)
+        alone = model(input_ids=ids[:, -1:], attention_mask=torch.ones_like(ids), past_key_values=pre.past_key_values,
+                      use_cache=True).logits[:, -1]
+    if pooling == "causal":  # prefix means are the same with and without the cache: the step equals the full pass
+        torch.testing.assert_close(step, full[:, -1], atol=1e-5, rtol=1e-4)
+    assert (alone - full[:, -1]).abs().max() > 1e-3  # pooling the new token alone routes it differently
 
 
 def test_max_source_carries_the_running_maximum(ids):

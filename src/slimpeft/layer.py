@@ -31,6 +31,7 @@ class RoutingContext:
     """State shared by all adapted layers of one model during one forward pass."""
 
     attention_mask: torch.Tensor | None = None  # (b, t_total): marks real tokens; padding is ignored
+    past_length: int = 0  # tokens already in the KV cache before this forward pass (0 without a cache)
     # (n,) d carried between layers: the first adapted layer's (ood_source "first") or the running maximum over
     # the layers run so far (ood_source "max"); carried_u is the continuous score behind it
     carried_score: torch.Tensor | None = None
@@ -38,8 +39,9 @@ class RoutingContext:
     record: bool = False  # routing_stats(): layers append what they routed to their records
     aux_losses: list[torch.Tensor] = field(default_factory=list)
 
-    def reset(self, attention_mask: torch.Tensor | None) -> None:
+    def reset(self, attention_mask: torch.Tensor | None, past_length: int = 0) -> None:
         self.attention_mask = attention_mask
+        self.past_length = past_length
         self.carried_score = None
         self.carried_u = None
         self.aux_losses = []
@@ -276,13 +278,6 @@ class SlimLinear(nn.Module):
             self._init_seen = (flag._version, flag, bool(flag))
         return self._init_seen[2]
 
-    def _cached_length(self, b: int, t: int) -> int | None:
-        """Length of the whole sequence so far (attention-mask columns) when the mask describes these b rows."""
-        m = self.ctx.attention_mask
-        if m is None or m.dim() != 2 or m.shape[0] != b or m.shape[1] < t:
-            return None
-        return int(m.shape[1])
-
     def _pooled_score(self, agg: torch.Tensor, k: torch.Tensor, lead: torch.Size, valid: torch.Tensor | None,
                       just_initialized: bool) -> torch.Tensor:
         """d pooled over each sequence ('sequence') or over each prefix ('causal'), broadcast back to tokens."""
@@ -295,19 +290,20 @@ class SlimLinear(nn.Module):
         if cfg.ood_score == "standardized" and self.training:
             if just_initialized:  # the routing-level spread must exist before the first score is taken
                 cl.update_pool_stats(seq, first=True)
-        total = self._cached_length(b, t)
+        total = self.ctx.past_length + t  # length of the whole sequence so far (KV cache + these t tokens)
         S, N = (U * V).cumsum(1), V.cumsum(1)  # (b, t) running sums and counts of real tokens
-        if total is not None and self._pool_state is not None and self._pool_state[2] == total - t:
+        state = self._pool_state
+        if self.ctx.past_length > 0 and state is not None and state[2] == total - t and state[0].shape[0] == b:
             # a KV-cache step of generation: the new tokens continue the sequence the earlier calls saw, so they
             # pool with it (prefix mean over everything so far) instead of only with themselves
-            S, N = S + self._pool_state[0][:, None], N + self._pool_state[1][:, None]
+            S, N = S + state[0][:, None], N + state[1][:, None]
             pooled = S / N.clamp_min(1.0)  # (b, t)
         elif cfg.ood_pooling == "sequence":
             pooled = seq[:, None].expand(b, t)  # (b, t)
         else:
             pooled = S / N.clamp_min(1.0)  # (b, t) prefix means
         # what a following KV-cache step continues from (inference only; training never generates)
-        self._pool_state = None if self.training or total is None else (S[:, -1], N[:, -1], total)
+        self._pool_state = None if self.training else (S[:, -1], N[:, -1], total)
         d = cl.pooled_score(pooled) if cfg.ood_score == "standardized" else pooled
         if self.ctx.record:
             self._last_u = pooled.reshape(-1)

@@ -155,7 +155,9 @@ class AdaptedModel(ModelWrapper):
         self._hook = model.register_forward_pre_hook(self._capture_context, with_kwargs=True)
 
     def _capture_context(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self.ctx.reset(kwargs.get("attention_mask"))
+        cache = kwargs.get("past_key_values")
+        past = cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
+        self.ctx.reset(kwargs.get("attention_mask"), past_length=int(past))
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         out = super().forward(*args, **kwargs)

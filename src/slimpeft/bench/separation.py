@@ -24,14 +24,19 @@ from ..training import PadCollator, SupervisedDataset, load_base, training_examp
 
 # name -> SlimConfig overrides; "paper" is the literal per-token form
 VARIANTS: dict[str, dict[str, Any]] = {
-    "paper (token, max, tau=1)": {"ood_score": "paper"},
+    "paper (token, max, tau=1, no floor)": {"ood_score": "paper", "spread_floor": 0.0},
     "calibrated token max": {},
     "calibrated token rms": {"distance": "rms"},
+    "standardized sequence max, no floor": {"ood_score": "standardized", "ood_pooling": "sequence",
+                                            "spread_floor": 0.0},
     "standardized sequence max": {"ood_score": "standardized", "ood_pooling": "sequence"},
+    "standardized sequence max, carried max": {"ood_score": "standardized", "ood_pooling": "sequence",
+                                               "ood_source": "max"},
     "standardized sequence rms": {"ood_score": "standardized", "ood_pooling": "sequence", "distance": "rms"},
-    "standardized sequence rms, 64 clusters": {"ood_score": "standardized", "ood_pooling": "sequence",
-                                               "distance": "rms", "n_clusters": 64},
-    "standardized causal rms": {"ood_score": "standardized", "ood_pooling": "causal", "distance": "rms"},
+    "standardized sequence max, 64 clusters": {"ood_score": "standardized", "ood_pooling": "sequence",
+                                               "n_clusters": 64},
+    "standardized causal max, carried max": {"ood_score": "standardized", "ood_pooling": "causal",
+                                             "ood_source": "max"},
 }
 
 
@@ -71,6 +76,8 @@ def separation(base: str = "assets/base", variants: dict[str, dict[str, Any]] | 
             "best_layer": short_name(list(report)[routing.index(max(routing))]),
             "flagged_general_first": next(iter(report.values())).flagged_general,
             "flagged_downstream_first": next(iter(report.values())).flagged_downstream,
+            "flagged_general_mean": sum(r.flagged_general for r in report.values()) / len(report),
+            "flagged_downstream_mean": sum(r.flagged_downstream for r in report.values()) / len(report),
             "per_layer": {k: {"auroc_token": v.auroc_token, "auroc_sequence": v.auroc_sequence} for k, v in
                           report.items()},
             "seconds": time.perf_counter() - t0,
@@ -84,12 +91,13 @@ def print_separation(result: dict[str, Any]) -> None:
 
     t = Table(title="AUROC of the OOD score, general (positive) vs downstream (negative) held-out inputs")
     for col in ("variant", "routing best", "routing median", "token best", "sequence best", "best layer",
-                "flagged G / D (first layer)"):
+                "flagged G / D (first layer)", "flagged G / D (mean over layers)"):
         t.add_column(col, justify="left" if col in ("variant", "best layer") else "right")
     for name, r in result.items():
         t.add_row(name, f"{r['auroc_routing_best']:.3f}", f"{r['auroc_routing_median']:.3f}",
                   f"{r['auroc_token_best']:.3f}", f"{r['auroc_sequence_best']:.3f}", r["best_layer"],
-                  f"{r['flagged_general_first']:.2f} / {r['flagged_downstream_first']:.2f}")
+                  f"{r['flagged_general_first']:.2f} / {r['flagged_downstream_first']:.2f}",
+                  f"{r['flagged_general_mean']:.2f} / {r['flagged_downstream_mean']:.2f}")
     Console().print(t)
 
 
