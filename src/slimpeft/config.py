@@ -39,6 +39,14 @@ OodPooling = Literal["token", "sequence", "causal"]
 OodSource = Literal["own", "first", "max"]
 
 
+# The routing this project measured to tell general from downstream inputs apart best on its shipped base
+# (BENCHMARKS.md sections 2 and 4): each layer pools its standardized score over the sequence, carries the running
+# maximum of the earlier layers' scores, and yields strongly. `SlimConfig(**RECOMMENDED_ROUTING)`; `make demo` and
+# `slim bench forgetting` use it. The defaults stay the paper's per-token form.
+RECOMMENDED_ROUTING: dict[str, Any] = {"ood_pooling": "sequence", "ood_score": "standardized", "ood_source": "max",
+                                      "yield_strength": 8.0}
+
+
 @dataclass
 class SlimConfig:
     """Configuration of a SLIM adapter (Soft LoRA + Identity Mixture). See the module docstring for defaults."""

@@ -15,15 +15,15 @@ import logging
 import time
 from pathlib import Path
 
+from .config import RECOMMENDED_ROUTING
 from .data.tasks import list_tasks
 from .report import compare_accuracy
 from .training import TrainArgs, load_base, load_run, train
 
-# The SLIM variant the demo runs: each layer routes on its own clusters' score, pooled over the sequence and
-# standardized by the in-domain spread, with a strong yield -- the variant whose score separated general from
-# downstream inputs best (`python -m slimpeft.bench separation`, BENCHMARKS.md). The per-token default is
-# `slim train` with no --set.
-SLIM_DEMO = {"ood_pooling": "sequence", "ood_score": "standardized", "yield_strength": 8.0}
+# The SLIM variant the demo runs: config.RECOMMENDED_ROUTING (sequence-pooled standardized score, carried maximum
+# across layers, strong yield), the variant that separated general from downstream inputs best
+# (`python -m slimpeft.bench separation`, BENCHMARKS.md). The per-token default is `slim train` with no --set.
+SLIM_DEMO = dict(RECOMMENDED_ROUTING)
 
 
 def run_demo(base: str = "assets/base", out: str = "runs/demo", steps: int = 400, limit: int | None = 100,
