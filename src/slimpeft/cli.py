@@ -271,8 +271,9 @@ def bench_speed(
 
 @bench_app.command("forgetting")
 def bench_forgetting(
-    profile: Annotated[str, typer.Option(help="quick (~20 min on 2 CPU cores: one seed, MDS) or full (3 seeds, LR "
-                                              "grid, SDS, every ablation)")] = "quick",
+    profile: Annotated[str, typer.Option(help="quick (~20 min on 2 CPU cores: one seed, MDS), pareto (quick over "
+                                              "the whole LR grid) or full (3 seeds, LR grid, SDS, every "
+                                              "ablation)")] = "quick",
     base: Annotated[str, typer.Option(help="base model folder")] = "assets/base",
     out: Annotated[str, typer.Option(help="results folder (records/, summary.json, pareto.png); existing "
                                           "records are kept and not measured again")] = "results/forgetting",

@@ -87,6 +87,9 @@ class Profile:
 PROFILES: dict[str, Profile] = {
     # ~20 minutes on 2 CPU cores: one seed, the middle grid point, MDS only, the paper-faithful ablation
     "quick": Profile("quick", seeds=(0,), steps=250, limit=50, lr_points=(1,), sds=False, ablations=("paper",)),
+    # quick's setting over the whole LR grid: the (downstream, retention) curve of each method, for the Pareto plot;
+    # shares quick's records (same steps and test items), e.g. `--profile pareto --methods slim,lora`
+    "pareto": Profile("pareto", seeds=(0,), steps=250, limit=50, lr_points=(0, 1, 2), sds=False, ablations=()),
     "full": Profile("full", seeds=(0, 1, 2), steps=400, limit=None, lr_points=(0, 1, 2), sds=True,
                     ablations=tuple(ABLATIONS)),
 }
