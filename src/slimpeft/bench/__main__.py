@@ -1,4 +1,4 @@
-"""``python -m slimpeft.bench layer|separation|encoder``: speed, routing-separation and encoder-track benchmarks."""
+"""``python -m slimpeft.bench layer|speed|separation|encoder``: speed, routing-separation and encoder benchmarks."""
 
 from __future__ import annotations
 
@@ -9,14 +9,15 @@ from pathlib import Path
 
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m slimpeft.bench")
-    ap.add_argument("which", choices=["layer", "separation", "encoder"], help="which benchmark to run")
+    ap.add_argument("which", choices=["layer", "speed", "separation", "encoder"], help="which benchmark to run")
     ap.add_argument("--profile", default="quick", choices=["quick", "full"], help="encoder: run size")
-    ap.add_argument("--quick", action="store_true", help="layer: smaller token count and fewer repetitions")
-    ap.add_argument("--json", action="store_true", help="layer: print one JSON object instead of a table")
-    ap.add_argument("--base", default="assets/base", help="separation: base model folder")
+    ap.add_argument("--quick", action="store_true", help="layer, speed: smaller shapes and fewer repetitions")
+    ap.add_argument("--json", action="store_true", help="layer, speed: print one JSON object instead of tables")
+    ap.add_argument("--base", default="assets/base", help="speed, separation: base model folder")
     ap.add_argument("--batches", type=int, default=40, help="separation: training batches that fit the clusters")
     ap.add_argument("--limit", type=int, default=100, help="separation: test items per task")
-    ap.add_argument("--out", type=Path, default=None, help="where to write the JSON (default results/...)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="JSON output (default under results/); speed: a folder, the record is OUT/speed.json")
     a = ap.parse_args()
     if a.which == "layer":
         from .speed import print_layer_table, run_layer_bench
@@ -33,6 +34,17 @@ def main() -> None:
 
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         run_encoder(a.profile, str(a.out) if a.out else None)
+    elif a.which == "speed":
+        from .speed import print_layer_table, print_speed_tables, run_speed_bench
+
+        result = run_speed_bench(quick=a.quick, out=(a.out or Path("results/speed")) / "speed.json", base=a.base)
+        if a.json:
+            print(json.dumps(result, sort_keys=True))
+        else:
+            print_layer_table({"shape": result["meta"]["layer_shape"], "threads": result["meta"]["threads"],
+                               **{k: result[k] for k in ("layer_float32", "layer_bfloat16", "masking")
+                                  if k in result}})
+            print_speed_tables(result)
     else:
         from .separation import run
 

@@ -1,18 +1,27 @@
 """Speed benchmarks, measured side by side in one run (ratios, never absolute targets in tests).
 
-* layer:   forward + backward of one adapted linear layer at a realistic shape (d_in 2048, d_out 5632, 2048
-           tokens): frozen base, SLIM (8 x r16, top-2, 2 identity experts), PEFT LoRA of rank 8 x 16 = 128, and the
-           per-linear MoE baselines on the same expert engine (LoRAMoE: dense over 8 x r16; MoLA: top-2 of 8 x r16).
-* masking: fast row/column masking vs exact DARE masking of ``B A`` for one r=16 expert at 4096 x 11008
-           (the physical floor of their ratio is i*o / (r (i + o)) ~ 186).
+* layer:     forward + backward of one adapted linear layer at a realistic shape (d_in 2048, d_out 5632, 2048
+             tokens): frozen base, SLIM (8 x r16, top-2, 2 identity experts), PEFT LoRA of rank 8 x 16 = 128, and
+             the per-linear MoE baselines on the same expert engine (LoRAMoE: dense over 8 x r16; MoLA: top-2).
+* masking:   fast row/column masking vs exact DARE masking of ``B A`` for one r=16 expert at 4096 x 11008
+             (the physical floor of their ratio is i*o / (r (i + o)) ~ 186).
+* training:  tokens/s of a whole training step (forward with the loss, backward, AdamW step) of the shipped base
+             model with SLIM, LoRA at SLIM's trainable budget, MixLoRA, LoRAMoE and full fine-tuning, timed
+             round-robin in one process; and the peak memory of that step, each method in a fresh process (see
+             ``peak_step_memory``).
+* inference: greedy generation tokens/s with the KV cache (``model.generate``, eval mode, fixed masks) of the base
+             model, LoRA and SLIM at batch 1 and batch 16.
 
-Run: ``python -m slimpeft.bench layer [--quick] [--json]``.
+Run: ``slim bench speed [--quick] [--json]`` (all four) or ``slim bench layer`` (the first two).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import platform
+import subprocess
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -131,3 +140,260 @@ def print_layer_table(result: dict) -> None:
         for k, v in result.get(section, {}).items():
             table.add_row(f"{section}.{k}", f"{v:.4f}" if k.endswith("_s") else f"{v:.3f}")
     Console().print(table)
+
+
+# ------------------------------------------------------------------------------------------------ model level
+TRAIN_METHODS = ("slim", "lora", "mixlora", "loramoe", "full")
+INFER_METHODS = ("base", "lora", "slim")
+
+
+@dataclass
+class ModelBenchArgs:
+    """Shapes of the model-level measurements."""
+
+    base: str = "assets/base"
+    batch_size: int = 16  # training sequences per step
+    seq_len: int = 128  # training tokens per sequence
+    prompt_len: int = 16  # generation prompt tokens
+    new_tokens: int = 32  # generated tokens per sequence
+    infer_batches: tuple[int, ...] = (1, 16)
+    reps: int = 5
+    seed: int = 0
+
+
+def build_method(name: str, base: str, seed: int = 0) -> torch.nn.Module:
+    """A fresh copy of the base model with ``name`` applied ("base": none). LoRA gets SLIM's trainable budget."""
+    from .. import methods
+    from ..training import load_base
+
+    torch.manual_seed(seed)
+    model, _ = load_base(base)
+    if name == "base":
+        return model
+    if name == "lora":
+        r = methods.lora_rank_for_budget(model)
+        return methods.build("lora", model, r=r, alpha=2 * r)
+    return methods.build(name, model)
+
+
+def _train_batch(args: ModelBenchArgs, vocab: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(args.seed)
+    ids = torch.randint(3, vocab, (args.batch_size, args.seq_len), generator=g)  # (b, t)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+
+def _train_step(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+    def step() -> None:
+        model(**batch).loss.backward()  # the loss includes the method's auxiliary losses
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def train_benchmark(args: ModelBenchArgs, names: tuple[str, ...] = TRAIN_METHODS) -> dict[str, dict[str, float]]:
+    """Median seconds and tokens/s of a training step per method, the methods timed round-robin in one process."""
+    models = {n: build_method(n, args.base, args.seed) for n in names}
+    vocab = next(iter(models.values())).config.vocab_size
+    batch = _train_batch(args, vocab)
+    t = interleaved_medians({n: _train_step(m, batch) for n, m in models.items()}, reps=args.reps)
+    tokens = args.batch_size * args.seq_len
+    return {n: {"step_s": t[n], "tokens_per_s": tokens / t[n],
+                "trainable_params": sum(p.numel() for p in models[n].parameters() if p.requires_grad)}
+            for n in names}
+
+
+def _proc_status() -> dict[str, int]:
+    """VmRSS / VmHWM of this process in bytes (Linux)."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                key, val = line.split(":")
+                out[key] = int(val.split()[0]) * 1024
+    return out
+
+
+def peak_step_memory_child(method: str, args_json: str) -> None:
+    """In a fresh process: peak memory of two training steps of ``method`` beyond the built model and batch.
+
+    CPU (Linux): the resident-set high-water mark (VmHWM) is reset through /proc/self/clear_refs after the model,
+    batch and optimizer exist, two steps run (the first allocates AdamW's state), and the HWM minus the RSS before
+    the steps is the peak. tracemalloc would see none of it (torch allocates outside Python's allocator). CUDA:
+    torch.cuda.max_memory_allocated minus the memory allocated before the steps. Prints one JSON object.
+    """
+    args = ModelBenchArgs(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(args_json).items()})
+    model = build_method(method, args.base, args.seed)
+    batch = _train_batch(args, model.config.vocab_size)
+    step = _train_step(model, batch)
+    before = _proc_status()["VmRSS"]
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the high-water mark to the current RSS
+    for _ in range(2):
+        step()
+    after = _proc_status()
+    print(json.dumps({"method": method, "rss_before": before, "hwm": after["VmHWM"],
+                      "peak_bytes": after["VmHWM"] - before}))
+
+
+def peak_step_memory(method: str, args: ModelBenchArgs) -> dict[str, float]:
+    """Run ``peak_step_memory_child`` in a fresh interpreter (nothing freed by an earlier method is reused)."""
+    code = ("import sys; from slimpeft.bench.speed import peak_step_memory_child; "
+            "peak_step_memory_child(sys.argv[1], sys.argv[2])")
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.run([sys.executable, "-c", code, method, json.dumps(asdict(args))], capture_output=True,
+                          text=True, env=env, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"peak-memory run of {method!r} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
+    rec = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"peak_mib": rec["peak_bytes"] / 2**20, "rss_before_mib": rec["rss_before"] / 2**20}
+
+
+def _warm_clusters(model: torch.nn.Module, args: ModelBenchArgs) -> None:
+    """A few training-mode forward passes (no optimizer step) so that SLIM's clusters exist and score, as after
+    training; a SLIM model whose clusters were never fitted skips the score and would look cheaper than it is."""
+    g = torch.Generator().manual_seed(args.seed + 1)
+    vocab = model.config.vocab_size
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            ids = torch.randint(3, vocab, (8, args.seq_len), generator=g)
+            model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    model.eval()
+
+
+def infer_benchmark(args: ModelBenchArgs, names: tuple[str, ...] = INFER_METHODS) -> dict[str, dict[str, float]]:
+    """Greedy generation tokens/s (KV cache, eval mode, no gradient) per method and batch size, round-robin."""
+    models = {n: build_method(n, args.base, args.seed) for n in names}
+    for m in models.values():
+        _warm_clusters(m, args)
+    vocab = next(iter(models.values())).config.vocab_size
+    out: dict[str, dict[str, float]] = {n: {} for n in names}
+    for b in args.infer_batches:
+        g = torch.Generator().manual_seed(args.seed + b)
+        prompt = torch.randint(3, vocab, (b, args.prompt_len), generator=g)  # (b, t)
+
+        def gen(model: torch.nn.Module, prompt: torch.Tensor = prompt):
+            def run() -> None:
+                with torch.no_grad():
+                    model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                   max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, pad_token_id=0)
+            return run
+
+        t = interleaved_medians({n: gen(m) for n, m in models.items()}, reps=args.reps)
+        for n in names:
+            out[n][f"batch{b}_s"] = t[n]
+            out[n][f"batch{b}_tokens_per_s"] = b * args.new_tokens / t[n]
+    return out
+
+
+# Targets of issue 6 (ratios from the same run): name -> (bound, "<=" or ">=")
+TARGETS: dict[str, tuple[float, str]] = {
+    "layer_slim_over_base": (1.15, "<="),
+    "layer_slim_over_lora128": (1.0, "<="),
+    "mask_fast_speedup": (50.0, ">="),
+    "train_slim_over_lora_tokens_per_s": (0.9, ">="),
+    "train_slim_over_lora_peak_mem": (1.2, "<="),
+    "infer_slim_over_base_tokens_per_s": (0.85, ">="),
+}
+
+
+def run_speed_bench(quick: bool = False, out: Path | None = None, base: str = "assets/base", *,
+                    layer_shape: LayerShape | None = None, mask_shape: tuple[int, int] = (4096, 11008),
+                    model_args: ModelBenchArgs | None = None) -> dict:
+    """All four measurements in one run; returns (and writes to ``out``) one record whose top level holds every
+    ratio, the targets met or not, and the measurements behind them. The keyword arguments override the shapes
+    (tests use tiny ones)."""
+    import time
+
+    t0 = time.perf_counter()
+    shape = layer_shape or (LayerShape(n_tokens=512) if quick else LayerShape())
+    reps = 2 if quick else 7
+    layer = layer_benchmark(shape, reps=reps)
+    layer_bf16 = None if quick else layer_benchmark(shape, dtype=torch.bfloat16, reps=reps)
+    masking = masking_benchmark(*mask_shape, reps=3 if quick else reps)
+    margs = model_args or ModelBenchArgs(base=base, reps=2 if quick else 5, new_tokens=16 if quick else 32)
+    train = train_benchmark(margs)
+    mem_methods = ("slim", "lora") if quick else TRAIN_METHODS
+    for n in mem_methods:
+        train[n].update(peak_step_memory(n, margs))
+    infer = infer_benchmark(margs)
+
+    ratios = {
+        "layer_slim_over_base": layer["slim_over_base"],
+        "layer_slim_over_lora128": layer["slim_over_lora128"],
+        "mask_fast_speedup": masking["mask_fast_speedup"],
+    }
+    if layer_bf16 is not None:
+        ratios["layer_bf16_slim_over_base"] = layer_bf16["slim_over_base"]
+        ratios["layer_bf16_slim_over_lora128"] = layer_bf16["slim_over_lora128"]
+    for n in TRAIN_METHODS:
+        if n != "lora":
+            ratios[f"train_{n}_over_lora_tokens_per_s"] = train[n]["tokens_per_s"] / train["lora"]["tokens_per_s"]
+            if "peak_mib" in train[n]:
+                ratios[f"train_{n}_over_lora_peak_mem"] = train[n]["peak_mib"] / train["lora"]["peak_mib"]
+    for n in ("slim", "lora"):
+        per_batch = [infer[n][f"batch{b}_tokens_per_s"] / infer["base"][f"batch{b}_tokens_per_s"]
+                     for b in margs.infer_batches]
+        for b, r in zip(margs.infer_batches, per_batch):
+            ratios[f"infer_{n}_over_base_tokens_per_s_batch{b}"] = r
+        ratios[f"infer_{n}_over_base_tokens_per_s"] = min(per_batch)  # the worse batch size is the headline
+    targets = {k: {"value": ratios[k], "bound": bound, "op": op,
+                   "met": bool(ratios[k] <= bound if op == "<=" else ratios[k] >= bound)}
+               for k, (bound, op) in TARGETS.items()}
+    result = {
+        **ratios,
+        "targets": targets,
+        "layer_float32": layer, "masking": masking, "train": train, "infer": infer,
+        "meta": {"quick": quick, "layer_shape": asdict(shape), "model": asdict(margs),
+                 "threads": torch.get_num_threads(), "torch": torch.__version__,
+                 "cpu": platform.processor() or platform.machine(), "device": "cpu",
+                 "seconds": time.perf_counter() - t0},
+    }
+    if layer_bf16 is not None:
+        result["layer_bfloat16"] = layer_bf16
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2, sort_keys=True))
+    return result
+
+
+def print_speed_tables(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console()
+    t = Table(title="training step on the shipped base (medians; peak = RSS growth in a fresh process)")
+    for col in ("method", "trainable", "step s", "tokens/s", "/ lora", "peak MiB", "/ lora"):
+        t.add_column(col, justify="right" if col != "method" else "left")
+    tr = result["train"]
+    for n, rec in tr.items():
+        peak = rec.get("peak_mib")
+        t.add_row(n, f"{rec['trainable_params']:,}", f"{rec['step_s']:.3f}", f"{rec['tokens_per_s']:.0f}",
+                  f"{rec['tokens_per_s'] / tr['lora']['tokens_per_s']:.3f}",
+                  "-" if peak is None else f"{peak:.1f}",
+                  "-" if peak is None else f"{peak / tr['lora']['peak_mib']:.3f}")
+    con.print(t)
+    t = Table(title="greedy generation with the KV cache (tokens/s, medians)")
+    t.add_column("method")
+    batches = result["meta"]["model"]["infer_batches"]
+    for b in batches:
+        t.add_column(f"batch {b}", justify="right")
+        t.add_column("/ base", justify="right")
+    inf = result["infer"]
+    for n, rec in inf.items():
+        row = [n]
+        for b in batches:
+            row += [f"{rec[f'batch{b}_tokens_per_s']:.0f}",
+                    f"{rec[f'batch{b}_tokens_per_s'] / inf['base'][f'batch{b}_tokens_per_s']:.3f}"]
+        t.add_row(*row)
+    con.print(t)
+    t = Table(title="issue-6 targets (ratios from this run)")
+    for col in ("ratio", "value", "target", "met"):
+        t.add_column(col)
+    for k, v in result["targets"].items():
+        t.add_row(k, f"{v['value']:.3f}", f"{v['op']} {v['bound']}", "yes" if v["met"] else "no")
+    con.print(t)

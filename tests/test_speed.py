@@ -1,0 +1,202 @@
+"""The optimised paths equal the straightforward computation, and ``slim bench speed`` records what it claims."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from slimpeft import SlimConfig, SlimLinear
+from slimpeft.bench.speed import TARGETS, LayerShape, ModelBenchArgs, peak_step_memory, run_speed_bench
+from slimpeft.clustering import SlidingClusters
+from slimpeft.experts import _dense_gate
+from slimpeft.masking import apply_fast_masks, fast_masks
+
+BASE = Path(__file__).resolve().parents[1] / "assets" / "base"
+
+
+def _trained_layer(cfg: SlimConfig, d_in: int = 24, d_out: int = 20, seed: int = 0) -> SlimLinear:
+    """A SlimLinear whose clusters were fitted by a few training-mode passes and whose B is non-zero."""
+    g = torch.Generator().manual_seed(seed)
+    layer = SlimLinear(nn.Linear(d_in, d_out).requires_grad_(False), cfg, "blocks.0.mlp")
+    with torch.no_grad():
+        layer.experts.lora_B.normal_(0.0, 0.5, generator=g)
+        layer.router.normal_(0.0, 0.5, generator=g)
+        layer.train()
+        for _ in range(3):
+            layer(torch.randn(4, 16, d_in, generator=g))
+    return layer.eval()
+
+
+def _reference_eval(layer: SlimLinear, x: torch.Tensor) -> torch.Tensor:
+    """METHOD.md's eval-mode layer, token by token, written out with no reuse of the layer's code paths."""
+    cfg, cl, ex = layer.config, layer.clusters, layer.experts
+    A, B = ex.lora_A.detach(), ex.lora_B.detach()
+    if cfg.mask_mode == "fast" and cfg.mask_rate > 0 and cfg.inference_mask == "fixed":
+        gen = torch.Generator().manual_seed(layer.mask_seed)
+        col, row = fast_masks(ex.n_experts, layer.d_in, layer.d_out, cfg.mask_rate, rescale=cfg.mask_rescale,
+                              generator=gen)
+        A, B = apply_fast_masks(A, B, col, row)
+    inv_sd, tau = cl.inv_sd(), cl.calibrated_tau()
+    out = torch.empty(x.shape[0], layer.d_out)
+    for t in range(x.shape[0]):
+        xt = x[t]
+        logits = layer.router.detach() @ xt  # (E,)
+        if cfg.n_identity_experts and bool(cl.initialized):
+            k = int(((xt - cl.centers) ** 2).sum(-1).argmin())
+            z = (xt - cl.centers[k]).abs() * inv_sd[k]
+            agg = z.max() if cfg.distance == "max" else z.square().mean().sqrt()
+            if cfg.ood_score == "paper":
+                d = (agg - 1.0).clamp_min(0.0)
+            elif cfg.ood_score == "calibrated":
+                d = (agg - tau[k]).clamp_min(0.0)
+            else:
+                d = ((agg - cl.agg_mean[k]) / cl.agg_sd()[k] - cfg.threshold_std).clamp_min(0.0)
+            logits[cfg.n_lora_experts:] += cfg.yield_strength * d
+        top = logits.topk(cfg.top_k)
+        w = top.values.softmax(-1)
+        y = layer.base_layer(xt)
+        for wi, e in zip(w, top.indices.tolist()):
+            if e < cfg.n_lora_experts:
+                y = y + wi * ex.scaling * (B[e] @ (A[e] @ xt))
+        out[t] = y
+    return out
+
+
+FAST_VARIANTS = [
+    {},
+    {"distance": "rms"},
+    {"ood_score": "paper"},
+    {"ood_score": "standardized", "yield_strength": 4.0},
+    {"inference_mask": "none"},
+    {"mask_mode": "none"},
+    {"n_identity_experts": 0},
+    {"yield_strength": 0.0},
+    {"spread_floor": 0.0},
+]
+
+
+def _variant_id(o: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in o.items()) or "default"
+
+
+@pytest.mark.parametrize("overrides", FAST_VARIANTS, ids=_variant_id)
+def test_eval_fast_path_equals_reference_and_token_loop(overrides):
+    cfg = SlimConfig(**{"n_lora_experts": 4, "r": 3, "top_k": 2, "n_clusters": 5, "yield_strength": 8.0,
+                        **overrides})
+    layer = _trained_layer(cfg)
+    g = torch.Generator().manual_seed(7)
+    # in-domain tokens and tokens far from every centre, so that yielding sends some to identity experts
+    x = torch.cat([torch.randn(2, 10, 24, generator=g), 6.0 * torch.randn(1, 10, 24, generator=g)])
+    with torch.no_grad():
+        layer.ctx.record = True  # recording forces the reference (general) path ...
+        ref = layer(x)
+        layer.ctx.record = False
+        layer.records = []
+        assert layer._eval_cache is None
+        fast = layer(x)  # ... and without it the cached fast path runs
+        assert layer._eval_cache is not None
+        again = layer(x)  # from the cache
+    loop = _reference_eval(layer, x.reshape(-1, 24)).view_as(ref)
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast, loop, rtol=1e-4, atol=1e-4)
+    assert torch.equal(fast, again)
+    if cfg.n_identity_experts and cfg.yield_strength > 0 and cfg.ood_score != "paper":
+        layer.ctx.record = True
+        with torch.no_grad():
+            layer(x)
+        layer.ctx.record = False
+        rec = layer.records[-1]
+        assert 0 < float((rec["identity_weight"] > 0).float().mean()) < 1  # yielding really acted on some tokens
+
+
+def test_eval_fast_path_cache_follows_weight_changes_and_train_mode():
+    layer = _trained_layer(SlimConfig(n_lora_experts=4, r=3, n_clusters=5))
+    x = torch.randn(9, 24)
+    with torch.no_grad():
+        before = layer(x)
+        layer.experts.lora_B.mul_(2.0)  # an in-place change (as an optimizer step) must invalidate the cache
+        after = layer(x)
+        layer.ctx.record = True
+        ref = layer(x)
+        layer.ctx.record = False
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, ref, rtol=1e-5, atol=1e-5)
+    # with gradients enabled the reference path runs, so gradients reach the adapters even in eval mode
+    layer(x).sum().backward()
+    assert layer.experts.lora_A.grad is not None and layer.experts.lora_A.grad.abs().sum() > 0
+
+
+def test_unknown_config_option_falls_back_to_reference_path():
+    layer = _trained_layer(SlimConfig(n_lora_experts=4, r=3, n_clusters=5))
+    layer._new_options = [("some_future_option", "default")]
+    layer.config.some_future_option = "changed"  # a routing option the fast path was never taught
+    with torch.no_grad():
+        layer(torch.randn(5, 24))
+    assert layer._eval_cache is None
+
+
+def test_dense_gate_without_sync_equals_scatter_of_lora_slots():
+    g = torch.Generator().manual_seed(3)
+    idx = torch.stack([torch.randperm(7, generator=g)[:3] for _ in range(50)])  # 5 LoRA + 2 identity experts
+    w = torch.rand(50, 3, generator=g)
+    ref = torch.zeros(50, 5)
+    for t in range(50):
+        for j in range(3):
+            if idx[t, j] < 5:
+                ref[t, idx[t, j]] += w[t, j]
+    assert torch.equal(_dense_gate(w, idx, 5), ref)
+
+
+def test_cluster_update_with_padding_weights_equals_update_on_real_tokens():
+    cfg = SlimConfig(n_clusters=4)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(40, 6, generator=g)
+    valid = torch.rand(40, generator=g) > 0.3
+    a, b = SlidingClusters(6, cfg, seed=1), SlidingClusters(6, cfg, seed=1)
+    a.initialize(x[:20])
+    b.load_state_dict(a.state_dict())
+    k, agg = a.assign(x)
+    a.update(x, k, agg, valid)  # weighted: no copy of the real tokens
+    b.update(x[valid], k[valid], agg[valid])  # the straightforward selection
+    for name, t in a.state_dict().items():
+        torch.testing.assert_close(t, b.state_dict()[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert int(a.n_updates) == 1
+    before = {n: t.clone() for n, t in a.state_dict().items()}
+    a.update(x, k, agg, torch.zeros(40, dtype=torch.bool))  # only padding: nothing changes
+    for name, t in a.state_dict().items():
+        assert torch.equal(t, before[name]), name
+
+
+def test_speed_bench_records_every_ratio_and_target(tmp_path):
+    margs = ModelBenchArgs(base=str(BASE), batch_size=2, seq_len=16, prompt_len=4, new_tokens=3,
+                           infer_batches=(1, 2), reps=1)
+    out = tmp_path / "speed.json"
+    result = run_speed_bench(quick=True, out=out, layer_shape=LayerShape(64, 96, 32), mask_shape=(64, 96),
+                             model_args=margs)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    for key in TARGETS:
+        assert result[key] > 0 and result["targets"][key]["value"] == result[key]
+        assert result["targets"][key]["met"] == (result[key] <= TARGETS[key][0] if TARGETS[key][1] == "<="
+                                                 else result[key] >= TARGETS[key][0])
+    tr = result["train"]
+    assert set(tr) == {"slim", "lora", "mixlora", "loramoe", "full"}
+    # LoRA runs at SLIM's trainable budget (within one rank's worth of parameters)
+    slim_params = tr["slim"]["trainable_params"]
+    assert abs(tr["lora"]["trainable_params"] - slim_params) < 0.01 * slim_params
+    assert tr["slim"]["peak_mib"] > 0 and tr["lora"]["peak_mib"] > 0
+    assert result["train_slim_over_lora_peak_mem"] == pytest.approx(tr["slim"]["peak_mib"] / tr["lora"]["peak_mib"])
+    assert result["infer_slim_over_base_tokens_per_s"] == pytest.approx(min(
+        result["infer_slim_over_base_tokens_per_s_batch1"], result["infer_slim_over_base_tokens_per_s_batch2"]))
+    for n in ("base", "lora", "slim"):
+        assert result["infer"][n]["batch2_tokens_per_s"] > 0
+
+
+def test_peak_memory_grows_with_the_batch():
+    small = peak_step_memory("lora", ModelBenchArgs(base=str(BASE), batch_size=1, seq_len=16))
+    large = peak_step_memory("lora", ModelBenchArgs(base=str(BASE), batch_size=16, seq_len=128))
+    # 16 x 128 tokens: the (b, t, vocab 4096) logits alone and their gradient are 2 x 32 MiB
+    assert large["peak_mib"] > small["peak_mib"] + 32
