@@ -487,7 +487,8 @@ def train(args: TrainArgs, callbacks: list | None = None) -> Path:
         fsdp="full_shard auto_wrap" if args.fsdp_config else None,
         fsdp_config=args.fsdp_config or None,
     )
-    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out / "tb"))
+    # per run, not setdefault: a second train() in the same process would log into the first run's folder
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tb")
     run_config = {"args": asdict(args), "method_config": _method_config(model), "data_sizes": sizes,
                   "n_train": len(dataset), "n_truncated": dataset.n_truncated, "trainable_params": trainable,
                   "total_params": total, "world_size": world}
