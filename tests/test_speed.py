@@ -71,6 +71,7 @@ FAST_VARIANTS = [
     {"distance": "rms"},
     {"ood_score": "paper"},
     {"ood_score": "standardized", "yield_strength": 4.0},
+    {"inference_mask": "fixed"},
     {"inference_mask": "none"},
     {"mask_mode": "none"},
     {"n_identity_experts": 0},
