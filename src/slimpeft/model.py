@@ -155,8 +155,10 @@ class AdaptedModel(ModelWrapper):
         self._hook = model.register_forward_pre_hook(self._capture_context, with_kwargs=True)
 
     def _capture_context(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        cache = kwargs.get("past_key_values")
-        past = cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
+        # the KV cache is ``past_key_values`` up to transformers 5.23 and ``cache`` from 5.24 on
+        cache = next((c for c in (kwargs.get("past_key_values"), kwargs.get("cache")) if hasattr(c, "get_seq_length")),
+                     None)
+        past = cache.get_seq_length() if cache is not None else 0
         self.ctx.reset(kwargs.get("attention_mask"), past_length=int(past))
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
