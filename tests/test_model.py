@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -164,6 +165,17 @@ def test_save_load_round_trip_is_bit_identical(tmp_path, ids, family, mask_mode)
     assert loaded.get_nb_trainable_parameters()[0] == 0
     assert SlimModel.from_pretrained(FAMILIES[family](seed=1), tmp_path, is_trainable=True
                                      ).get_nb_trainable_parameters()[0] > 0
+
+
+def test_saved_adapter_files_get_the_umask_permissions_not_owner_only(tmp_path):
+    # atomic saving goes through mkstemp (mode 0600): a teammate on a shared cluster must still read the adapter
+    old = os.umask(0o022)
+    try:
+        get_slim_model(tiny_llama(), SlimConfig(**SMALL)).save_pretrained(tmp_path)
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == {"adapter_config.json": 0o644, "adapter_model.safetensors": 0o644}
 
 
 @pytest.fixture

@@ -321,10 +321,10 @@ def print_summary(summary: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------------------------ driver
 def _write_json(path: Path, obj: Any) -> None:
     """Write ``obj`` as sorted JSON through a temporary file and a rename (never a half-written record)."""
+    from ..model import atomic_write
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    Path(f.name).replace(path)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=True)))
 
 
 def load_records(out: Path) -> list[dict[str, Any]]:
