@@ -36,6 +36,19 @@ def test_full_plan_covers_every_method_setting_seed_and_ablation(tiny_base):
         fg.plan(full, base, ["slim", "adalora"])
 
 
+def test_seeds_profile_runs_the_grid_three_seeds_and_each_ablation_once(tiny_base):
+    from slimpeft.training import load_base
+
+    base, _ = load_base(str(tiny_base))
+    prof = fg.PROFILES["seeds"]
+    specs = fg.plan(prof, base)
+    assert len(specs) == len(fg.METHODS) * (3 + 2) + len(fg.ABLATIONS)
+    assert {s.seed for s in specs if s.setting.startswith("ablation/")} == {0}
+    quick = fg.PROFILES["quick"]
+    assert (prof.steps, prof.limit) == (quick.steps, quick.limit)  # shares quick's records
+    assert {s.key for s in fg.plan(quick, base)} <= {s.key for s in specs}
+
+
 def test_choose_lr_and_summary_statistics():
     def rec(method, lr, seed, down, ret):
         return {"method": method, "setting": "mds", "seed": seed, "lr": lr, "downstream": {"d/x": down},
@@ -76,6 +89,11 @@ def test_benchmark_writes_records_summary_and_plot_and_resumes(tiny_base, tmp_pa
     # resuming: nothing is measured again (the records are untouched)
     before = {p.name: p.stat().st_mtime_ns for p in (out / "records").iterdir()}
     fg.run_benchmark(TINY, base=str(tiny_base), out=out, methods_=["slim", "lora"], log=lambda s: None)
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "records").iterdir()} == before
+    # records of another budget are never mixed into this folder's summary
+    longer = fg.Profile(**{**TINY.__dict__, "name": "longer", "steps": 4})
+    with pytest.raises(ValueError, match=r"3 steps and 4 test items .*'longer' uses 4 and 4: choose another --out"):
+        fg.run_benchmark(longer, base=str(tiny_base), out=out, methods_=["lora"], log=lambda s: None)
     assert {p.name: p.stat().st_mtime_ns for p in (out / "records").iterdir()} == before
 
 

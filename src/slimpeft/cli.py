@@ -7,7 +7,7 @@
     slim inspect runs/slim                               per-layer routing report + PNG heatmap
     slim bench layer [--quick] [--json]                  layer / masking speed, side by side
     slim bench speed [--quick] [--json]                  layer, masking, training and generation speed vs LoRA
-    slim bench forgetting --profile quick|full           learning vs forgetting of every method
+    slim bench forgetting --profile quick|pareto|seeds|full   learning vs forgetting of every method
     slim bench encoder --profile quick|full              the same on a real encoder (all-MiniLM-L6-v2)
 """
 
@@ -272,11 +272,13 @@ def bench_speed(
 @bench_app.command("forgetting")
 def bench_forgetting(
     profile: Annotated[str, typer.Option(help="quick (~20 min on 2 CPU cores: one seed, MDS), pareto (quick over "
-                                              "the whole LR grid) or full (3 seeds, LR grid, SDS, every "
-                                              "ablation)")] = "quick",
+                                              "the whole LR grid), seeds (pareto + 3 seeds + every ablation once, "
+                                              "~2 h) or full (400 steps, all test items, 3 seeds, LR grid, SDS, "
+                                              "every ablation x 3 seeds)")] = "quick",
     base: Annotated[str, typer.Option(help="base model folder")] = "assets/base",
     out: Annotated[str, typer.Option(help="results folder (records/, summary.json, pareto.png); existing "
-                                          "records are kept and not measured again")] = "results/forgetting",
+                                          "records are kept and not measured again; default results/forgetting "
+                                          "(quick, pareto and seeds share it) or results/forgetting-full")] = "",
     methods: Annotated[str, typer.Option(help="comma-separated methods (default: all eight)")] = "",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="list the planned runs and exit")] = False,
 ) -> None:
@@ -286,6 +288,7 @@ def bench_forgetting(
     _setup_logging()
     chosen = [m.strip() for m in methods.split(",") if m.strip()] or list(METHODS)
     try:
+        out = out or ("results/forgetting-full" if profile == "full" else "results/forgetting")
         run_benchmark(profile, base=base, out=out, methods_=chosen, dry_run=dry_run, log=typer.echo)
     except ValueError as e:
         _fail(str(e))

@@ -82,6 +82,8 @@ class Profile:
     sds: bool = field(metadata={"help": "also run each downstream task alone"})
     ablations: tuple[str, ...] = field(metadata={"help": "SLIM ablations (names of ABLATIONS)"})
     batch_size: int = field(default=16, metadata={"help": "sequences per step"})
+    ablation_seeds: tuple[int, ...] | None = field(
+        default=None, metadata={"help": "seeds of the ablation runs (None: the headline seeds)"})
 
 
 PROFILES: dict[str, Profile] = {
@@ -90,6 +92,10 @@ PROFILES: dict[str, Profile] = {
     # quick's setting over the whole LR grid: the (downstream, retention) curve of each method, for the Pareto plot;
     # shares quick's records (same steps and test items), e.g. `--profile pareto --methods slim,lora`
     "pareto": Profile("pareto", seeds=(0,), steps=250, limit=50, lr_points=(0, 1, 2), sds=False, ablations=()),
+    # pareto + seeds 1 and 2 at each method's chosen LR (mean +- std) + every ablation once (seed 0); shares the
+    # records of quick and pareto; about 2 hours on 2 CPU cores from scratch
+    "seeds": Profile("seeds", seeds=(0, 1, 2), steps=250, limit=50, lr_points=(0, 1, 2), sds=False,
+                     ablations=tuple(ABLATIONS), ablation_seeds=(0,)),
     "full": Profile("full", seeds=(0, 1, 2), steps=400, limit=None, lr_points=(0, 1, 2), sds=True,
                     ablations=tuple(ABLATIONS)),
 }
@@ -158,7 +164,7 @@ def plan(profile: Profile, base_model: Any, methods_: Sequence[str] = METHODS,
         for name in profile.ablations:
             if name not in ABLATIONS:
                 raise ValueError(f"unknown ablation {name!r}; known: {', '.join(ABLATIONS)}")
-            for seed in profile.seeds:
+            for seed in profile.seeds if profile.ablation_seeds is None else profile.ablation_seeds:
                 specs.append(RunSpec("slim", f"ablation/{name}", seed, lr, {**SLIM_BENCH, **ABLATIONS[name]}))
     return specs
 
@@ -212,7 +218,7 @@ def run_one(spec: RunSpec, profile: Profile, base: str, base_gen: dict[str, floa
     general = {n: a for n, a in acc.items() if n.startswith("general/")}
     record: dict[str, Any] = {
         "method": spec.method, "setting": spec.setting, "seed": spec.seed, "lr": spec.lr, "steps": profile.steps,
-        "profile": profile.name, "overrides": spec.overrides,
+        "limit": profile.limit, "profile": profile.name, "overrides": spec.overrides,
         "downstream": {n: a for n, a in acc.items() if n.startswith("downstream/")},
         "general": general, "base_general": base_gen,
         "retention": _mean(list(general.values())) / _mean(list(base_gen.values())),
@@ -354,7 +360,14 @@ def run_benchmark(profile: str | Profile = "quick", base: str = "assets/base", o
         for s in plan(prof, base_model, methods_):
             log(f"{s.key}  data={s.data}  overrides={json.dumps(s.overrides, sort_keys=True)}")
         return {}
-    done = {(r["method"], r["setting"], r["seed"], r["lr"]) for r in load_records(out)}
+    existing = load_records(out)
+    alien = [r for r in existing if (r.get("steps"), r.get("limit")) != (prof.steps, prof.limit)]
+    if alien:
+        r = alien[0]
+        raise ValueError(f"{out}: holds records measured with {r.get('steps')} steps and {r.get('limit')} test items "
+                         f"per task (profile {r.get('profile')!r}, e.g. {r['method']} {r['setting']}); profile "
+                         f"{prof.name!r} uses {prof.steps} and {prof.limit}: choose another --out")
+    done = {(r["method"], r["setting"], r["seed"], r["lr"]) for r in existing}
     base_path = out / "base_general.json"
     if base_path.is_file():
         base_gen = json.loads(base_path.read_text())
