@@ -58,6 +58,9 @@ def test_choose_lr_and_summary_statistics():
     records = [rec("lora", 1e-3, 0, 0.4, 0.9), rec("lora", 1e-2, 0, 0.6, 0.5), rec("lora", 1e-2, 1, 0.8, 0.7)]
     best = fg.choose_lr(records)
     assert best == {"lora": 1e-2}
+    ablation = [{**rec("lora", lr, 0, d, 0.5), "setting": "ablation/x"} for lr, d in ((1e-3, 0.1), (1e-2, 0.3))]
+    groups = fg.summarize(records + ablation, best)["groups"]
+    assert groups["lora|ablation/x"]["seeds"] == [0] and groups["lora|ablation/x"]["downstream_avg"]["mean"] == 0.3
     s = fg.summarize(records, best)["groups"]["lora|mds"]
     assert s["seeds"] == [0, 1]
     assert s["downstream_avg"]["mean"] == pytest.approx(0.7) and s["downstream_avg"]["std"] == pytest.approx(0.1414,

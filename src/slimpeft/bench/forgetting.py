@@ -234,10 +234,11 @@ def run_one(spec: RunSpec, profile: Profile, base: str, base_gen: dict[str, floa
 
 # ------------------------------------------------------------------------------------------------ summary
 def summarize(records: Sequence[dict[str, Any]], best_lr: dict[str, float]) -> dict[str, Any]:
-    """Per (method, setting) at the chosen learning rate: mean and std over seeds of every score."""
+    """Per (method, setting) at the chosen learning rate: mean and std over seeds of every score (ablations too: a
+    SLIM variant run at another learning rate, e.g. before the search, is left out rather than mixed in)."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in records:
-        if r["setting"].startswith("ablation/") or math.isclose(r["lr"], best_lr.get(r["method"], r["lr"])):
+        if math.isclose(r["lr"], best_lr.get(r["method"], r["lr"])):
             groups.setdefault((r["method"], r["setting"]), []).append(r)
     out: dict[str, Any] = {}
     for (method, setting), rs in sorted(groups.items()):
@@ -292,7 +293,7 @@ def plot_pareto(records: Sequence[dict[str, Any]], summary: dict[str, Any], path
             continue
         c = colors(i % 10)
         if len(grid) > 1:
-            ax.plot([g[1] for g in grid], [g[2] for g in grid], "--", color=c, alpha=0.5, lw=1)
+            ax.plot([g[1] for g in grid], [g[2] for g in grid], "--", marker=".", ms=5, color=c, alpha=0.5, lw=1)
         entry = summary["groups"].get(f"{method}|mds")
         if entry:
             x, y = entry["downstream_avg"], entry["retention"]
@@ -300,7 +301,7 @@ def plot_pareto(records: Sequence[dict[str, Any]], summary: dict[str, Any], path
                         label=method)
     ax.set_xlabel("downstream accuracy (mean over tasks)")
     ax.set_ylabel("general retention (after / before)")
-    ax.set_title("MDS: learn more (right), forget less (up); dashed = LR grid")
+    ax.set_title("MDS: learn more (right), forget less (up); dashed = LR grid (low to high lr)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
