@@ -164,6 +164,25 @@ def test_method_trains_saves_and_loads(method, family, overrides, ids, tmp_path)
     assert loaded.get_nb_trainable_parameters()[0] == 0  # loaded for inference unless is_trainable=True
 
 
+@pytest.mark.parametrize("method", ["loramoe", "mola", "full"])
+def test_tampered_weights_are_refused_and_the_base_left_untouched(method, ids, tmp_path):
+    ov = {} if method == "full" else dict(r=4, experts_schedule=[2, 4]) if method == "mola" else dict(MOE)
+    model = methods.build(method, tiny_llama(), **ov)
+    _train(model, ids, steps=1, lr=1e-3)
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["weights_sha256"]
+    w = tmp_path / "adapter_model.safetensors"
+    b = bytearray(w.read_bytes())
+    b[-4] ^= 1  # one mantissa bit of the last float: still a well-formed file with the right shapes
+    w.write_bytes(bytes(b))
+    base = tiny_llama()
+    ref = {k: v.clone() for k, v in base.state_dict().items()}
+    with pytest.raises(ValueError, match=r"adapter_model.safetensors: SHA-256 differs from `weights_sha256`"):
+        methods.load(method, base, tmp_path)
+    assert type(base.model.layers[0].mlp.down_proj) is torch.nn.Linear  # no adapter left injected
+    assert all(torch.equal(v, base.state_dict()[k]) for k, v in ref.items())
+
+
 @pytest.mark.parametrize("method", ["mixlora", "mixlora-dy", "loramoe", "mola"])
 def test_moe_methods_report_expert_usage(method, ids):
     ov = dict(r=4, experts_schedule=[2, 4]) if method == "mola" else dict(MOE)

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..experts import LoraExperts
 from ..layer import RoutingContext, base_shape, layer_seed, valid_token_mask
-from ..model import CONFIG_NAME, AdaptedModel, RoutingStats, read_method_dir
+from ..model import CONFIG_NAME, AdaptedModel, RoutingStats, read_method_dir, verify_checksum
 from ..router import RouterOutput
 from .config import MethodConfig
 
@@ -226,13 +226,21 @@ def load_moe(model: nn.Module, adapter_dir: str | os.PathLike, method: str, conf
                  if k in tensors and (tensors[k].shape != v.shape or tensors[k].dtype != v.dtype)]
     problems += [f"{k}: non-finite values" for k, v in tensors.items()
                  if v.is_floating_point() and not v.isfinite().all()]
-    if problems:
+    def undo() -> None:
         wrapped.unload()
         for p in model.parameters():
             p.requires_grad_(grad_before.get(id(p), p.requires_grad))
+
+    if problems:
+        undo()
         raise ValueError(f"{adapter_dir}: the saved {method!r} adapter does not fit this base model (nothing was "
                          "changed):\n  " + "\n  ".join(problems[:10])
                          + (f"\n  ... {len(problems) - 10} more" if len(problems) > 10 else ""))
+    try:
+        verify_checksum(adapter_dir)  # a tampered file can still be a well-formed one
+    except ValueError:
+        undo()
+        raise
     for name, layer in wrapped.adapter_layers().items():
         prefix = name + "."
         layer.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, strict=False)

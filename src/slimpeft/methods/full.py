@@ -16,7 +16,7 @@ from pathlib import Path
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from ..model import CONFIG_NAME, WEIGHTS_NAME, ModelWrapper, atomic_write
+from ..model import CONFIG_NAME, WEIGHTS_NAME, ModelWrapper, atomic_write, file_sha256
 from .config import FullConfig
 
 
@@ -40,6 +40,7 @@ class FullModel(ModelWrapper):
         meta = {"method": "full", "config": self.method_config.to_dict(),
                 "base_model_type": getattr(getattr(self.base_model, "config", None), "model_type", None)}
         atomic_write(path / WEIGHTS_NAME, lambda p: save_model(self.base_model, p, metadata={"format": "pt"}))
+        meta["weights_sha256"] = file_sha256(path / WEIGHTS_NAME)
         atomic_write(path / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(meta, indent=2, sort_keys=True)))
 
 
@@ -50,7 +51,7 @@ def build_full(model: nn.Module, config: FullConfig) -> FullModel:
 
 
 def load_full(model: nn.Module, adapter_dir: str | os.PathLike, *, is_trainable: bool = False) -> FullModel:
-    from ..model import read_method_dir
+    from ..model import read_method_dir, verify_checksum
 
     meta, tensors = read_method_dir(adapter_dir, "full")
     cfg = FullConfig.from_dict(meta["config"], where=str(Path(adapter_dir) / CONFIG_NAME))
@@ -66,6 +67,7 @@ def load_full(model: nn.Module, adapter_dir: str | os.PathLike, *, is_trainable:
         raise ValueError(f"{adapter_dir}: the saved full model does not fit this base model (nothing was changed):\n  "
                          + "\n  ".join(problems[:10]))
     del tensors
+    verify_checksum(adapter_dir)
     wpath = Path(adapter_dir) / WEIGHTS_NAME
     load_model(model, str(wpath), strict=True)  # raises on missing keys (tied duplicates excepted)
     for p in model.parameters():
