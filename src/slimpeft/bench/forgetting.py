@@ -301,7 +301,8 @@ def plot_pareto(records: Sequence[dict[str, Any]], summary: dict[str, Any], path
                         label=method)
     ax.set_xlabel("downstream accuracy (mean over tasks)")
     ax.set_ylabel("general retention (after / before)")
-    ax.set_title("MDS: learn more (right), forget less (up); dashed = LR grid (low to high lr)")
+    ax.set_title("MDS: learn more (right), forget less (up)\npoints: mean ± std over seeds at the chosen lr; "
+                 "dashed: seed-0 lr grid, low to high", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
