@@ -97,7 +97,6 @@ class EvalWeights:
     bias: torch.Tensor  # (c + E + e*r,) float32
     n_centers: int  # c, or 0 when no score is needed (no identity expert, no yielding, clusters never trained)
     table: torch.Tensor | None  # (c, 2i): centre and 1 / sd per channel of every cluster
-    tau: torch.Tensor | None  # (c,) threshold of the calibrated score (ood_score == "calibrated")
     B_cat: torch.Tensor  # (e*r, o) masked up-projections side by side
     A: torch.Tensor  # (e, r, i) masked A (the sparse dispatch's operand)
     B: torch.Tensor  # (e, o, r) masked B
@@ -191,10 +190,7 @@ class SlimLinear(nn.Module):
             g = ew.table[k]  # (n, 2i): centre and 1 / sd of each token's centre
             z = (x - g[:, : self.d_in]).abs_().mul_(g[:, self.d_in :])  # (n, i) per-channel z-scores
             agg = z.amax(-1) if cfg.distance == "max" else z.square().mean(-1).sqrt()  # (n,)
-            if cfg.ood_score == "calibrated":
-                d = (agg - ew.tau[k]).clamp_min(0.0)
-            else:
-                d = self.clusters.token_score(agg, k)
+            d = self.clusters.token_score(agg, k)  # (n,)
             logits[:, n_lora:] += cfg.yield_strength * d[:, None]
         vals, idx = logits.topk(cfg.top_k, dim=-1)  # (n, k)
         w = vals.softmax(-1)
@@ -212,23 +208,17 @@ class SlimLinear(nn.Module):
         if self._eval_cache is not None and self._eval_cache[0] == key:
             return self._eval_cache[1]
         with torch.no_grad():
-            A, B = ex.lora_A.detach().float(), ex.lora_B.detach().float()
+            A_m, B_m, _ = self._masked_weights()  # eval: the fixed inference mask (fast mode), or none
+            A = (ex.lora_A if A_m is None else A_m).detach().float()
+            B = (ex.lora_B if B_m is None else B_m).detach().float()
             e, r, i = A.shape
-            if cfg.mask_mode == "fast" and cfg.mask_rate > 0.0 and cfg.inference_mask == "fixed":
-                gen = torch.Generator(device="cpu").manual_seed(self.mask_seed)  # the mask _masked_weights draws
-                col, row = fast_masks(e, self.d_in, self.d_out, cfg.mask_rate, rescale=cfg.mask_rescale,
-                                      generator=gen, device=A.device)
-                A, B = apply_fast_masks(A, B, col, row)
             scores = cfg.n_identity_experts > 0 and cfg.yield_strength != 0.0 and self._clusters_initialized()
             centers = cl.centers.float() if scores else A.new_zeros(0, i)
             W = torch.cat([centers, self.router.detach().float(), A.reshape(e * r, i)])  # (c + E + e*r, i)
             bias = torch.zeros(W.shape[0], device=W.device)
             bias[: centers.shape[0]] = -0.5 * (centers * centers).sum(-1)
-            table = tau = None
-            if scores:
-                table = torch.cat([centers, cl.inv_sd()], dim=1)  # (c, 2i)
-                tau = cl.calibrated_tau()
-            ew = EvalWeights(W=W, bias=bias, n_centers=centers.shape[0], table=table, tau=tau, B_cat=stack_B(B),
+            table = torch.cat([centers, cl.inv_sd()], dim=1) if scores else None  # (c, 2i)
+            ew = EvalWeights(W=W, bias=bias, n_centers=centers.shape[0], table=table, B_cat=stack_B(B),
                              A=A, B=B)
         self._eval_cache = (key, ew)
         return ew
