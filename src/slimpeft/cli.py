@@ -255,7 +255,7 @@ def bench_speed(
 ) -> None:
     """Layer, masking, model training (tokens/s, peak memory) and generation speed of SLIM vs LoRA, the MoE
     baselines, full fine-tuning and the base model, side by side in one run, with the issue-6 targets."""
-    from .bench.speed import print_layer_table, print_speed_tables, run_speed_bench
+    from .bench.speed import print_speed_result, run_speed_bench
 
     _setup_logging()
     if not Path(base).is_dir():
@@ -264,9 +264,7 @@ def bench_speed(
     if as_json:
         typer.echo(json.dumps(result, sort_keys=True))
     else:
-        print_layer_table({"shape": result["meta"]["layer_shape"], "threads": result["meta"]["threads"],
-                           **{k: result[k] for k in ("layer_float32", "layer_bfloat16", "masking") if k in result}})
-        print_speed_tables(result)
+        print_speed_result(result)
 
 
 @bench_app.command("forgetting")

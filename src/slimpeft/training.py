@@ -40,6 +40,14 @@ RUN_CONFIG = "run_config.json"
 ADAPTER_DIR = "adapter"
 
 
+# Why an FSDP run is refused; checked on the arguments (--fsdp-config) and again once the Trainer knows whether
+# FSDP is really on (an accelerate FSDP config enables it without the flag).
+FSDP_NEEDS_GPUS = ("FSDP needs GPUs (accelerate enables it only on accelerator devices; on CPU the run would silently "
+                   "be plain DDP)")
+FSDP_NO_L1 = ("FSDP2 reshards the parameters after each forward pass, before SLIM's L1 penalty reads them (torch: "
+              "'mixed torch.Tensor and DTensor'); add --set l1_weight=0")
+
+
 @dataclass
 class TrainArgs:
     """Arguments of ``slim train`` (also written, resolved, to RUN_DIR/run_config.json)."""
@@ -93,8 +101,7 @@ class TrainArgs:
         if self.deepspeed and self.fsdp_config:
             errs.append("--deepspeed and --fsdp-config exclude each other")
         if self.fsdp_config and not torch.cuda.is_available():
-            errs.append(f"--fsdp-config {self.fsdp_config}: FSDP needs GPUs (accelerate enables it only on "
-                        "accelerator devices; on CPU the run would silently be plain DDP)")
+            errs.append(f"--fsdp-config {self.fsdp_config}: {FSDP_NEEDS_GPUS}")
         if not (0 < self.lr < 1):
             errs.append(f"--lr must lie in (0, 1), got {self.lr}")
         if not (0 <= self.warmup_ratio < 1):
@@ -114,8 +121,7 @@ class TrainArgs:
                 errs.append(f"--set: {e}")
             else:
                 if self.fsdp_config and getattr(cfg, "l1_weight", 0) > 0:
-                    errs.append("--fsdp-config: FSDP2 reshards the parameters after each forward pass, before the L1 "
-                                "penalty reads them (torch: 'mixed torch.Tensor and DTensor'); add --set l1_weight=0")
+                    errs.append(f"--fsdp-config: {FSDP_NO_L1}")
         return errs
 
 
@@ -499,11 +505,9 @@ def train(args: TrainArgs, callbacks: list | None = None) -> Path:
     fsdp_asked = bool(args.fsdp_config) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
     refusal = None
     if fsdp_asked and not trainer.is_fsdp_enabled:
-        refusal = ValueError("FSDP was asked for (--fsdp-config or an accelerate FSDP config) but accelerate enables "
-                             "it only on accelerator devices: on CPU this run would silently be plain DDP")
+        refusal = ValueError(f"FSDP was asked for (--fsdp-config or an accelerate FSDP config): {FSDP_NEEDS_GPUS}")
     elif trainer.is_fsdp_enabled and getattr(getattr(model, "slim_config", None), "l1_weight", 0) > 0:
-        refusal = ValueError("FSDP2 reshards the parameters after each forward pass, before SLIM's L1 penalty reads "
-                             "them (torch: 'mixed torch.Tensor and DTensor'); add --set l1_weight=0")
+        refusal = ValueError(FSDP_NO_L1)
     if refusal is not None:
         if fresh:  # the Trainer created the output folder: a refused run leaves nothing behind
             shutil.rmtree(out, ignore_errors=True)

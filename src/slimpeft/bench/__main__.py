@@ -35,16 +35,13 @@ def main() -> None:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         run_encoder(a.profile, str(a.out) if a.out else None)
     elif a.which == "speed":
-        from .speed import print_layer_table, print_speed_tables, run_speed_bench
+        from .speed import print_speed_result, run_speed_bench
 
         result = run_speed_bench(quick=a.quick, out=(a.out or Path("results/speed")) / "speed.json", base=a.base)
         if a.json:
             print(json.dumps(result, sort_keys=True))
         else:
-            print_layer_table({"shape": result["meta"]["layer_shape"], "threads": result["meta"]["threads"],
-                               **{k: result[k] for k in ("layer_float32", "layer_bfloat16", "masking")
-                                  if k in result}})
-            print_speed_tables(result)
+            print_speed_result(result)
     else:
         from .separation import run
 

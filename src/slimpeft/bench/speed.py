@@ -361,6 +361,13 @@ def run_speed_bench(quick: bool = False, out: Path | None = None, base: str = "a
     return result
 
 
+def print_speed_result(result: dict) -> None:
+    """Every table of a ``run_speed_bench`` result: layer and masking, then training and generation."""
+    print_layer_table({"shape": result["meta"]["layer_shape"], "threads": result["meta"]["threads"],
+                       **{k: result[k] for k in ("layer_float32", "layer_bfloat16", "masking") if k in result}})
+    print_speed_tables(result)
+
+
 def print_speed_tables(result: dict) -> None:
     from rich.console import Console
     from rich.table import Table
