@@ -137,3 +137,35 @@ def test_cli_rejects_unknown_profile():
     res = CliRunner().invoke(app, ["bench", "encoder", "--profile", "huge"])
     assert res.exit_code != 0
     assert "unknown encoder profile 'huge'" in res.output
+
+
+def test_lr_searched_on_first_seed_then_reused_and_runs_resume(tmp_path, monkeypatch):
+    import slimpeft.bench.encoder as enc
+
+    cfg = EncoderBenchConfig(profile="tiny", methods=["lora"], seeds=[0, 1], steps=3, batch_size=8, n_train=3,
+                             n_val=2, n_test=2, n_gloss=30, n_synonym=20, lr_grid=[0.5, 2.0], out=str(tmp_path))
+    calls: list[tuple[int, float]] = []
+    real = enc.train_run
+
+    def counting(method, seed, lr, *a, **k):
+        calls.append((seed, lr))
+        return real(method, seed, lr, *a, **k)
+
+    monkeypatch.setattr(enc, "train_run", counting)
+    first, second = run_encoder_bench(cfg)
+    base_lr = cfg.lr["lora"]
+    assert calls[:2] == [(0, 0.5 * base_lr), (0, 2.0 * base_lr)]  # the grid, on seed 0's validation split
+    assert len(first["lr_validation"]) == 2 and first["lr"] in (0.5 * base_lr, 2.0 * base_lr)
+    assert calls[2:] == [(1, first["lr"])]  # seed 1: only the lr chosen on seed 0
+    assert second["lr"] == first["lr"] and second["lr_chosen_on_seed"] == 0 and second["lr_validation"] == {}
+
+    # a second call reads the records back and trains nothing
+    calls.clear()
+    again = run_encoder_bench(cfg)
+    assert calls == [] and [r["train_seconds"] for r in again] == [first["train_seconds"], second["train_seconds"]]
+    # records of another protocol in the same folder are refused, naming what differs; nothing is overwritten
+    before = (tmp_path / "tiny" / "lora-seed0.json").read_text()
+    with pytest.raises(ValueError, match=r"lora-seed0.json: record measured under another configuration "
+                                         r"\(differs in \['steps'\]\)"):
+        run_encoder_bench(EncoderBenchConfig(**{**cfg.__dict__, "steps": 4}))
+    assert calls == [] and (tmp_path / "tiny" / "lora-seed0.json").read_text() == before

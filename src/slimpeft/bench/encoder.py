@@ -76,6 +76,10 @@ class EncoderBenchConfig:
                                  metadata={"help": "Base learning rate per method."})
     lr_grid: list[float] = field(default_factory=lambda: [1.0],
                                  metadata={"help": "Multipliers of the base lr tried per run (same for all)."})
+    lr_search: str = field(default="first_seed",
+                           metadata={"help": "With an lr grid: 'first_seed' searches it on the first seed's validation "
+                                     "split and trains the other seeds at the lr chosen there; 'every_seed' searches "
+                                     "it on every seed."})
     head_lr: float = field(default=1e-2, metadata={"help": "Learning rate of the cosine classifier head."})
     scale: float = field(default=20.0, metadata={"help": "Logit scale of the cosine classifier."})
     slim: dict[str, Any] = field(default_factory=lambda: dict(SLIM_ENCODER),
@@ -100,6 +104,8 @@ class EncoderBenchConfig:
             errs.append("`seeds` must not be empty")
         if not self.lr_grid or any(not (isinstance(x, (int, float)) and x > 0) for x in self.lr_grid):
             errs.append(f"`lr_grid`={self.lr_grid!r} must be a non-empty list of positive numbers")
+        if self.lr_search not in ("first_seed", "every_seed"):
+            errs.append(f"`lr_search`={self.lr_search!r} must be 'first_seed' or 'every_seed'")
         if len(self.lr_grid) > 1 and self.n_val < 1:
             errs.append("`n_val` must be >= 1 when `lr_grid` has more than one value")
         if errs:
@@ -108,7 +114,7 @@ class EncoderBenchConfig:
 
 PROFILES: dict[str, EncoderBenchConfig] = {
     "quick": EncoderBenchConfig(profile="quick"),
-    "full": EncoderBenchConfig(profile="full", seeds=[0, 1, 2], steps=300, n_train=140, n_test=50, n_gloss=1000,
+    "full": EncoderBenchConfig(profile="full", seeds=[0, 1, 2], steps=200, n_train=140, n_test=50, n_gloss=1000,
                                n_synonym=800, lr_grid=[0.5, 1.0, 2.0]),
 }
 
@@ -336,45 +342,101 @@ def ood_separation(model: nn.Module, tokenizer: Any, general: list[str], downstr
 
 
 # ============================================================================================== the benchmark
+# Config fields that say which runs to make and where, not what a run measures: a record stays valid across them.
+_NOT_RUN_DEFINING = ("methods", "seeds", "out")
+
+
+def run_config(cfg: EncoderBenchConfig, method: str) -> dict[str, Any]:
+    """What defines a record of ``method`` under ``cfg`` (stored in it; a resumed run must match it exactly)."""
+    d = {k: v for k, v in asdict(cfg).items() if k not in _NOT_RUN_DEFINING}
+    d["lr"] = cfg.lr[method]
+    return d
+
+
+def load_record(path: Path, expected: dict[str, Any]) -> dict[str, Any] | None:
+    """The record at ``path`` when it exists (None otherwise); ValueError when it was measured under another
+    configuration, naming the fields that differ (a resumed run never mixes two protocols)."""
+    from ..model import read_json
+
+    if not path.exists():
+        return None
+    rec = read_json(path)
+    got = rec.get("run_config") if isinstance(rec, dict) else None
+    if got != expected:
+        got = got if isinstance(got, dict) else {}
+        diff = sorted(k for k in set(expected) | set(got) if got.get(k) != expected.get(k))
+        raise ValueError(f"{path}: record measured under another configuration (differs in {diff}); move it away "
+                         "or pass another --out to measure this one")
+    return rec
+
+
 def run_encoder_bench(cfg: EncoderBenchConfig, *, write: bool = True) -> list[dict[str, Any]]:
-    """Every (method, seed) of ``cfg``: train, score, and (``write``) save the records, summary and plot."""
+    """Every (method, seed) of ``cfg``: train, score, and (``write``) save the records, summary and plot.
+
+    With ``write`` the run resumes: a (method, seed) whose record exists under OUT/<profile>/ (measured under the same
+    configuration) is read back, not measured again. Records are written atomically."""
+    from ..model import atomic_write
+
     t_start = time.perf_counter()
     probes = GeneralProbes.build(cfg.n_gloss, cfg.n_synonym, cfg.general_seed)
     base, tok = load_encoder()
-    base_general = general_scores(base, tok, probes, cfg.max_length)
-    log.info("base general %s (chance %s)", base_general, probes.chance())
+    base_general: dict[str, float] | None = None
     out_dir = Path(cfg.out) / cfg.profile
+    search = len(cfg.lr_grid) > 1
+    chosen: dict[str, float] = {}  # method -> lr chosen on the first seed (lr_search "first_seed")
     records = []
     for seed in cfg.seeds:
-        data = foldoc_classification(cfg.n_train + (cfg.n_val if len(cfg.lr_grid) > 1 else 0), cfg.n_test, seed)
-        fit, val = split_validation(data, cfg.n_val) if len(cfg.lr_grid) > 1 else (data, None)
-        labels = torch.tensor(fit.train_labels)
-        means = class_means(embed(base, tok, fit.train_texts, max_length=cfg.max_length), labels, len(fit.labels))
-        base_head = CosineHead(means, cfg.scale)
-        base_down = classify_accuracy(base, tok, base_head, fit.test_texts, fit.test_labels, cfg.max_length)
+        prepared: tuple | None = None
         for method in cfg.methods:
-            tried = {}
-            best = None
-            for mult in cfg.lr_grid:
-                lr = cfg.lr[method] * mult
-                model, head, tok_m, facts = train_run(method, seed, lr, fit, cfg, means)
-                if val is not None:
-                    tried[lr] = classify_accuracy(model, tok_m, head, val.test_texts, val.test_labels, cfg.max_length)
-                if best is None or (val is not None and tried[lr] > tried[best[0]]):
-                    best = (lr, model, head, facts)
-            lr, model, head, facts = best
-            rec = score_run(method, seed, lr, model, head, tok, probes, fit, cfg, base_general, base_down, facts)
-            rec["lr_validation"] = {f"{k:.2e}": v for k, v in tried.items()}
+            path = out_dir / f"{method}-seed{seed}.json"
+            rec = load_record(path, run_config(cfg, method)) if write else None
+            if rec is None:
+                if base_general is None:
+                    base_general = general_scores(base, tok, probes, cfg.max_length)
+                    log.info("base general %s (chance %s)", base_general, probes.chance())
+                if prepared is None:
+                    data = foldoc_classification(cfg.n_train + (cfg.n_val if search else 0), cfg.n_test, seed)
+                    fit, val = split_validation(data, cfg.n_val) if search else (data, None)
+                    means = class_means(embed(base, tok, fit.train_texts, max_length=cfg.max_length),
+                                        torch.tensor(fit.train_labels), len(fit.labels))
+                    base_down = classify_accuracy(base, tok, CosineHead(means, cfg.scale), fit.test_texts,
+                                                  fit.test_labels, cfg.max_length)
+                    prepared = (fit, val, means, base_down)
+                fit, val, means, base_down = prepared
+                grid = [cfg.lr[method] * m for m in cfg.lr_grid]
+                if search and cfg.lr_search == "first_seed" and method in chosen:
+                    grid = [chosen[method]]  # searched on the first seed's validation split
+                tried: dict[float, float] = {}
+                best = None
+                for lr in grid:
+                    model, head, tok_m, facts = train_run(method, seed, lr, fit, cfg, means)
+                    if len(grid) > 1:
+                        tried[lr] = classify_accuracy(model, tok_m, head, val.test_texts, val.test_labels,
+                                                      cfg.max_length)
+                    if best is None or (len(grid) > 1 and tried[lr] > tried[best[0]]):
+                        best = (lr, model, head, facts)
+                lr, model, head, facts = best
+                rec = score_run(method, seed, lr, model, head, tok, probes, fit, cfg, base_general, base_down, facts)
+                rec["lr_validation"] = {f"{k:.2e}": v for k, v in tried.items()}
+                if search and not tried:
+                    rec["lr_chosen_on_seed"] = cfg.seeds[0]
+                rec["run_config"] = run_config(cfg, method)
+                if write:
+                    out_dir.mkdir(parents=True, exist_ok=True)
+                    atomic_write(path, lambda tmp, rec=rec: Path(tmp).write_text(json.dumps(rec, indent=2,
+                                                                                            sort_keys=True)))
+            else:
+                log.info("%s seed %d: record exists (%s), not measured again", method, seed, path)
+            if seed == cfg.seeds[0]:
+                chosen[method] = rec["lr"]
             records.append(rec)
             log.info("%s seed %d | downstream %.3f | general %s | retention %.3f | %.0f s", method, seed,
                      rec["downstream"]["foldoc_subject_acc"], {k: round(v, 3) for k, v in rec["general"].items()},
                      rec["retention"], rec["train_seconds"])
-            if write:
-                out_dir.mkdir(parents=True, exist_ok=True)
-                (out_dir / f"{method}-seed{seed}.json").write_text(json.dumps(rec, indent=2, sort_keys=True))
     if write:
         summary = summarize(records, cfg, probes, time.perf_counter() - t_start)
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+        atomic_write(out_dir / "summary.json",
+                     lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2, sort_keys=True)))
         plot_encoder(summary, out_dir / "encoder.png")
     return records
 
