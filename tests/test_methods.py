@@ -205,8 +205,8 @@ def _ffn_reference(layer: MixLoraFFN, x: torch.Tensor, weights: torch.Tensor) ->
     """Per token, per expert: sum_j w_j E_j(x) with E_j the FFN with expert j's LoRA on every linear (a loop)."""
     base, out = layer.base_layer, torch.zeros_like(x)
 
-    def lin(name: str, j: int, v: torch.Tensor) -> torch.Tensor:
-        mod, ex = getattr(base, name), layer.lora[name]
+    def lin(path: str, j: int, v: torch.Tensor) -> torch.Tensor:
+        mod, ex = layer.linears[path], layer.lora[path.replace(".", "_")]
         return mod(v) + ex.scaling * ex.lora_B[j] @ (ex.lora_A[j] @ v)
 
     for t in range(x.shape[0]):
@@ -216,15 +216,18 @@ def _ffn_reference(layer: MixLoraFFN, x: torch.Tensor, weights: torch.Tensor) ->
             if layer.kind == "gated":
                 h = base.act_fn(lin("gate_proj", j, x[t])) * lin("up_proj", j, x[t])
                 out[t] += weights[t, j] * lin("down_proj", j, h)
-            else:
+            elif layer.kind == "gpt2":
                 out[t] += weights[t, j] * lin("c_proj", j, base.act(lin("c_fc", j, x[t])))
+            else:
+                h = base.intermediate_act_fn(lin("intermediate.dense", j, x[t]))
+                out[t] += weights[t, j] * lin("output.dense", j, h)
     return out
 
 
 @pytest.mark.parametrize("method", ["mixlora", "mixlora-dy"])
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
 def test_mixlora_block_equals_per_expert_loop(method, family):
-    model = methods.build(method, FAMILIES[family](), **MOE)
+    model = methods.build(method, {**FAMILIES, "bert": tiny_bert}[family](), **MOE)
     layer = next(m for m in model.modules() if isinstance(m, MixLoraFFN))
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
@@ -303,8 +306,60 @@ def test_mixlora_dy_keeps_experts_until_p_is_exceeded():
 
 
 def test_mixlora_rejects_unsupported_family():
-    with pytest.raises(ValueError, match="MixLoRA cannot adapt model type 'bert'"):
-        methods.build("mixlora", tiny_bert())
+    from transformers import DistilBertConfig, DistilBertModel
+
+    distil = DistilBertModel(DistilBertConfig(vocab_size=97, dim=H, n_layers=1, n_heads=4, hidden_dim=INTER))
+    with pytest.raises(ValueError, match="MixLoRA cannot adapt model type 'distilbert'"):
+        methods.build("mixlora", distil)
+
+
+def test_mixlora_on_bert_trains_saves_loads_and_disables_to_the_base(tmp_path):
+    """BERT's FFN spans `intermediate` and `output`: the mixture replaces `intermediate`, `output.dense` passes it on,
+    `output` keeps its dropout and residual LayerNorm; disabled or unloaded it is exactly the base again."""
+    ids = torch.randint(0, 97, (3, 10), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    base_out = tiny_bert()(input_ids=ids, attention_mask=mask).last_hidden_state
+    model = methods.build("mixlora", tiny_bert(), **MOE)
+    s_io = H + INTER + INTER + H  # intermediate.dense (H -> INTER) and output.dense (INTER -> H)
+    trainable = N_LAYERS * (4 * H + 4 * 4 * s_io)
+    assert model.get_nb_trainable_parameters()[0] == trainable == methods.trainable_budget("mixlora", tiny_bert(),
+                                                                                           **MOE)
+    assert sorted(model.routing_stats(input_ids=ids, attention_mask=mask)) == [
+        f"encoder.layer.{i}.intermediate" for i in range(N_LAYERS)]
+    # the embedding moves towards a target: the loss falls
+    target = torch.randn(H, generator=torch.Generator().manual_seed(2))
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(6):
+        loss = (model(input_ids=ids, attention_mask=mask).last_hidden_state.mean((0, 1)) - target).square().mean()
+        losses.append(float(loss.detach()))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert losses[-1] < losses[0] - 0.01, losses
+    model.eval()
+    with torch.no_grad():
+        tuned = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        with model.disable_adapter():
+            torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).last_hidden_state, base_out,
+                                       rtol=0, atol=0)
+    assert not torch.allclose(tuned, base_out, atol=1e-4)
+    model.save_pretrained(tmp_path)
+    loaded = methods.load("mixlora", tiny_bert(), tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids, attention_mask=mask).last_hidden_state, tuned)
+    bert = model.unload()
+    assert type(bert.encoder.layer[0].intermediate).__name__ == "BertIntermediate"
+    assert type(bert.encoder.layer[0].output.dense) is torch.nn.Linear
+    with torch.no_grad():
+        assert torch.equal(bert(input_ids=ids, attention_mask=mask).last_hidden_state, base_out)
+
+
+def test_mixlora_attention_lora_on_bert_adds_the_attention_projections():
+    model = methods.build("mixlora", tiny_bert(), **MOE, attention_lora=True)
+    extra = N_LAYERS * 4 * 4 * (H + H)  # r * (i + o) on query, key, value, attention.output.dense
+    assert model.get_nb_trainable_parameters()[0] == N_LAYERS * (4 * H + 4 * 4 * 2 * (H + INTER)) + extra
 
 
 # ------------------------------------------------------------------------------------------ LoRAMoE
