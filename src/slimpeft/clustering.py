@@ -79,7 +79,8 @@ class SlidingClusters(nn.Module):
         dist2 = (c * c).sum(-1)[None, :] - 2.0 * (x @ c.T)  # (n, c)
         k = dist2.argmin(-1)  # (n,)
         inv_sd = self.inv_sd()  # (c, i): once per call, not per token
-        z = (x - c[k]).abs_().mul_(inv_sd[k])  # (n, i)
+        # index_select, not c[k]: a row gather that is ~3x faster on CPU than advanced indexing
+        z = (x - c.index_select(0, k)).abs_().mul_(inv_sd.index_select(0, k))  # (n, i)
         agg = z.amax(-1) if self.config.distance == "max" else z.square().mean(-1).sqrt()  # (n,)
         return k, agg
 
@@ -105,14 +106,24 @@ class SlidingClusters(nn.Module):
         """u = (agg - mu_k) / sd_k: the aggregate in units of cluster k's in-domain spread, (n,)."""
         return (agg - self.agg_mean[k]) / self.agg_sd()[k]
 
+    def score_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a, b), each (c,), such that the per-token score is d = max(0, a_k agg - b_k) under ``ood_score``:
+        'paper' a = 1, b = 1; 'calibrated' a = 1, b = mu_k + threshold_std sd_k; 'standardized' a = 1 / sd_k,
+        b = mu_k / sd_k + threshold_std. a > 0 always, so a_k can be folded into the per-channel 1 / sd (the eval
+        fast path does: max_j(a |x_j - c_j| / sd_j) = a max_j(|x_j - c_j| / sd_j), and likewise for rms)."""
+        mode, t = self.config.ood_score, self.config.threshold_std
+        one = torch.ones_like(self.agg_mean)
+        if mode == "paper":
+            return one, one
+        if mode == "calibrated":
+            return one, self.calibrated_tau()
+        inv = 1.0 / self.agg_sd()
+        return inv, self.agg_mean * inv + t
+
     def token_score(self, agg: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """Per-token d >= 0 under the configured ``ood_score``, (n,)."""
-        mode, t = self.config.ood_score, self.config.threshold_std
-        if mode == "paper":
-            return (agg - 1.0).clamp_min(0.0)
-        if mode == "calibrated":
-            return (agg - self.calibrated_tau()[k]).clamp_min(0.0)
-        return (self.standardize(agg, k) - t).clamp_min(0.0)
+        a, b = self.score_affine()
+        return (agg * a[k] - b[k]).clamp_min(0.0)
 
     def pooled_score(self, pooled_u: torch.Tensor) -> torch.Tensor:
         """d >= 0 of a pooled standardized score, in units of its own in-domain spread."""

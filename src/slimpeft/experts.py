@@ -105,9 +105,15 @@ def dense_mix(h: torch.Tensor, B_cat: torch.Tensor, weights: torch.Tensor, indic
     The routing weights and the scale are applied to the small (n, e*r) activations, and the addition of the base
     output is fused into the matmul (one pass over the (n, o) output instead of three).
     """
-    n = h.shape[0]
     gate = _dense_gate(weights.to(h.dtype), indices, n_experts) * scaling  # (n, e), the scale folded in (small)
-    hw = (h.view(n, n_experts, -1) * gate[:, :, None]).reshape(n, -1)  # (n, e*r)
+    return gated_mix(h, B_cat, gate, base)
+
+
+def gated_mix(h: torch.Tensor, B_cat: torch.Tensor, gate: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
+    """base + sum_e gate[:, e] * h_e @ B_e: h (n, e*r) (a strided view is fine), gate (n, e) (scale included; a
+    column slice is fine), B_cat (e*r, o) -> (n, o), the base addition fused into the matmul."""
+    n, e = gate.shape
+    hw = (h.view(n, e, -1) * gate[:, :, None]).reshape(n, -1)  # (n, e*r)
     if base is not None and base.dtype == hw.dtype:
         return torch.addmm(base, hw, B_cat)  # base + hw @ B_cat in one pass
     y = hw @ B_cat  # (n, o)

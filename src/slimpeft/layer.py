@@ -21,7 +21,7 @@ from torch import nn
 
 from .clustering import SlidingClusters
 from .config import SlimConfig
-from .experts import LoraExperts, auto_dispatch, dense_mix, stack_B
+from .experts import LoraExperts, auto_dispatch, gated_mix, stack_B
 from .masking import apply_fast_masks, dare_delta, dare_mask, fast_masks
 from .router import route
 
@@ -96,8 +96,10 @@ class EvalWeights:
     W: torch.Tensor  # (c + E + e*r, i) float32
     bias: torch.Tensor  # (c + E + e*r,) float32
     n_centers: int  # c, or 0 when no score is needed (no identity expert, no yielding, clusters never trained)
-    table: torch.Tensor | None  # (c, 2i): centre and 1 / sd per channel of every cluster
-    B_cat: torch.Tensor  # (e*r, o) masked up-projections side by side
+    # (c, 2i + 1) per cluster: centre, gamma a_k / sd per channel, gamma b_k (clusters.score_affine with the yield
+    # strength gamma folded in), so that gamma d(x) = max(0, agg' - gamma b_k) from one row gather per token
+    table: torch.Tensor | None
+    B_cat: torch.Tensor  # (e*r, o) masked up-projections side by side, times the LoRA scale alpha / r
     A: torch.Tensor  # (e, r, i) masked A (the sparse dispatch's operand)
     B: torch.Tensor  # (e, o, r) masked B
 
@@ -186,16 +188,17 @@ class SlimLinear(nn.Module):
         c, E, n_lora = ew.n_centers, cfg.n_experts, cfg.n_lora_experts
         logits = H[:, c : c + E]  # (n, E) router logits
         if c:  # weight yielding: identity logits += gamma * d(x)
+            i = self.d_in
             k = H[:, :c].argmax(-1)  # (n,) nearest centre
-            g = ew.table[k]  # (n, 2i): centre and 1 / sd of each token's centre
-            z = (x - g[:, : self.d_in]).abs_().mul_(g[:, self.d_in :])  # (n, i) per-channel z-scores
+            g = ew.table.index_select(0, k)  # (n, 2i + 1): each token's centre row of the table
+            z = (x - g[:, :i]).abs_().mul_(g[:, i : 2 * i])  # (n, i) per-channel z-scores, times gamma a_k
             agg = z.amax(-1) if cfg.distance == "max" else z.square().mean(-1).sqrt()  # (n,)
-            d = self.clusters.token_score(agg, k)  # (n,)
-            logits[:, n_lora:] += cfg.yield_strength * d[:, None]
+            logits[:, n_lora:] += (agg - g[:, 2 * i]).clamp_min_(0.0)[:, None]  # gamma d(x)
         vals, idx = logits.topk(cfg.top_k, dim=-1)  # (n, k)
         w = vals.softmax(-1)
         if auto_dispatch(cfg.top_k, n_lora, x.device) == "dense":
-            return dense_mix(H[:, c + E :], ew.B_cat, w, idx, n_lora, self.experts.scaling, base)
+            gate = logits.new_zeros(logits.shape).scatter_(1, idx, w)[:, :n_lora]  # (n, e): identity columns dropped
+            return gated_mix(H[:, c + E :], ew.B_cat, gate, base)  # B_cat carries the scale
         return self.experts(x, w, idx, A=ew.A, B=ew.B, base=base)
 
     def _eval_weights(self) -> EvalWeights:
@@ -217,8 +220,12 @@ class SlimLinear(nn.Module):
             W = torch.cat([centers, self.router.detach().float(), A.reshape(e * r, i)])  # (c + E + e*r, i)
             bias = torch.zeros(W.shape[0], device=W.device)
             bias[: centers.shape[0]] = -0.5 * (centers * centers).sum(-1)
-            table = torch.cat([centers, cl.inv_sd()], dim=1) if scores else None  # (c, 2i)
-            ew = EvalWeights(W=W, bias=bias, n_centers=centers.shape[0], table=table, B_cat=stack_B(B),
+            table = None
+            if scores:
+                a, b = cl.score_affine()  # (c,) each: d = max(0, a_k agg - b_k)
+                gamma = cfg.yield_strength  # > 0 here
+                table = torch.cat([centers, cl.inv_sd() * (gamma * a)[:, None], (gamma * b)[:, None]], dim=1)
+            ew = EvalWeights(W=W, bias=bias, n_centers=centers.shape[0], table=table, B_cat=stack_B(B) * ex.scaling,
                              A=A, B=B)
         self._eval_cache = (key, ew)
         return ew
