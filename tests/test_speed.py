@@ -174,7 +174,7 @@ def test_cluster_update_with_padding_weights_equals_update_on_real_tokens():
 
 def test_speed_bench_records_every_ratio_and_target(tmp_path):
     margs = ModelBenchArgs(base=str(BASE), batch_size=2, seq_len=16, prompt_len=4, new_tokens=3,
-                           infer_batches=(1, 2), reps=1)
+                           infer_batches=(1, 2), reps=1, wide_layers=1)
     out = tmp_path / "speed.json"
     result = run_speed_bench(quick=True, out=out, layer_shape=LayerShape(64, 96, 32), mask_shape=(64, 96),
                              model_args=margs)
@@ -194,6 +194,19 @@ def test_speed_bench_records_every_ratio_and_target(tmp_path):
         result["infer_slim_over_base_tokens_per_s_batch1"], result["infer_slim_over_base_tokens_per_s_batch2"]))
     for n in ("base", "lora", "slim"):
         assert result["infer"][n]["batch2_tokens_per_s"] > 0
+        assert result["infer_wide"][n]["batch2_tokens_per_s"] > 0
+    assert result["infer_wide_slim_over_base_tokens_per_s"] == pytest.approx(min(
+        result["infer_wide_slim_over_base_tokens_per_s_batch1"], result["infer_wide_slim_over_base_tokens_per_s_batch2"]))
+    assert result["meta"]["wide_shape"]["hidden_size"] == 2048
+
+
+def test_wide_base_has_tinyllama_layer_shape_and_slim_adapts_its_mlp():
+    from slimpeft.bench.speed import build_method
+
+    model = build_method("slim", str(BASE), wide_layers=1)
+    up = model.base_model.model.layers[0].mlp.up_proj
+    assert (up.d_in, up.d_out) == (2048, 5632)
+    assert len(model.adapter_layers()) == 3  # gate, up, down of the one layer
 
 
 def test_peak_memory_grows_with_the_batch():
