@@ -502,3 +502,17 @@ def test_disable_adapter_gives_the_base_model(ids):
         assert not torch.allclose(_logits(model, ids), base_logits)
         with model.disable_adapter():
             assert torch.equal(_logits(model, ids), base_logits)
+
+
+def test_budget_overrides_give_every_method_slims_budget():
+    model, slim = tiny_llama(), SlimConfig(r=4, n_lora_experts=4, n_identity_experts=1)
+    budget = methods.trainable_budget("slim", tiny_llama(), **slim.to_dict())
+    assert methods.budget_overrides("slim", model, slim) == {} == methods.budget_overrides("full", model, slim)
+    for name in ("lora", "dora", "mixlora", "loramoe", "mola"):
+        ov = methods.budget_overrides(name, model, slim)
+        assert ov["alpha"] == 2 * ov["r"]
+        gap = abs(methods.trainable_budget(name, model, **ov) - budget)
+        for r in (ov["r"] - 1, ov["r"] + 1):  # the closest rank: one more or one less is farther away
+            assert r < 1 or abs(methods.trainable_budget(name, model, **{**ov, "r": r}) - budget) >= gap, (name, r)
+    with pytest.raises(ValueError, match="unknown method"):
+        methods.budget_overrides("nope", model)

@@ -31,8 +31,8 @@ def run_demo(base: str = "assets/base", out: str = "runs/demo", steps: int = 400
     from . import methods
 
     base_model, _ = load_base(base)
-    rank = methods.lora_rank_for_budget(base_model, slim_config=methods.make_config("slim", **SLIM_DEMO))
-    plan = {"lora": {"r": rank, "alpha": 2 * rank}, "slim": SLIM_DEMO}
+    plan = {"lora": methods.budget_overrides("lora", base_model, methods.make_config("slim", **SLIM_DEMO)),
+            "slim": SLIM_DEMO}
     rows = {}
     for method, overrides in plan.items():
         t0 = time.perf_counter()

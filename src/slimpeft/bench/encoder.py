@@ -254,14 +254,7 @@ def method_overrides(method: str, model: nn.Module, cfg: EncoderBenchConfig, see
         return {}
     if method == "slim":
         return {**cfg.slim, "seed": seed}
-    slim_cfg = methods.make_config("slim", **cfg.slim)
-    budget = methods.trainable_budget("slim", model, **cfg.slim)
-    if method in ("lora", "dora"):
-        r = methods.lora_rank_for_budget(model, slim_config=slim_cfg, dora=method == "dora")
-        return {"r": r, "alpha": 2.0 * r, "seed": seed}
-    # MoE baselines: their default experts, the expert rank whose budget is closest to SLIM's; alpha = 2r as SLIM
-    r = min(range(1, 257), key=lambda r: abs(methods.trainable_budget(method, model, r=r) - budget))
-    return {"r": r, "alpha": 2.0 * r, "seed": seed}
+    return {**methods.budget_overrides(method, model, methods.make_config("slim", **cfg.slim)), "seed": seed}
 
 
 # ============================================================================================== one run

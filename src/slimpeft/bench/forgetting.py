@@ -132,10 +132,8 @@ def method_overrides(method: str, base_model: Any) -> dict[str, Any]:
 
     if method == "slim":
         return dict(SLIM_BENCH)
-    if method in ("lora", "dora"):
-        slim_cfg = methods.make_config("slim", **SLIM_BENCH)
-        r = methods.lora_rank_for_budget(base_model, slim_config=slim_cfg, dora=method == "dora")
-        return {"r": r, "alpha": 2 * r}
+    if method in ("lora", "dora"):  # the MoE baselines keep their default sizes (8 experts of rank 16)
+        return methods.budget_overrides(method, base_model, methods.make_config("slim", **SLIM_BENCH))
     return {}
 
 

@@ -192,10 +192,7 @@ def build_method(name: str, base: str, seed: int = 0, *, wide_layers: int = 0) -
     model = wide_base(wide_layers, seed=seed) if wide_layers > 0 else load_base(base)[0]
     if name == "base":
         return model
-    if name == "lora":
-        r = methods.lora_rank_for_budget(model)
-        return methods.build("lora", model, r=r, alpha=2 * r)
-    return methods.build(name, model)
+    return methods.build(name, model, **(methods.budget_overrides(name, model) if name == "lora" else {}))
 
 
 def _train_batch(args: ModelBenchArgs, vocab: int) -> dict[str, torch.Tensor]:

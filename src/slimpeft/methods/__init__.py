@@ -26,7 +26,16 @@ from .full import FullModel
 from .loramoe import LoraMoeLinear
 from .mixlora import MixLoraFFN
 from .mola import MolaLinear
-from .registry import DEVIATIONS, available, build, load, lora_rank_for_budget, make_config, trainable_budget
+from .registry import (
+    DEVIATIONS,
+    available,
+    budget_overrides,
+    build,
+    load,
+    lora_rank_for_budget,
+    make_config,
+    trainable_budget,
+)
 
 __all__ = [
     "DEVIATIONS",
@@ -45,6 +54,7 @@ __all__ = [
     "MolaConfig",
     "MolaLinear",
     "available",
+    "budget_overrides",
     "build",
     "load",
     "lora_rank_for_budget",

@@ -161,6 +161,22 @@ def trainable_budget(name: str, model: nn.Module, **overrides: Any) -> int:
     return _method(name).trainable(model, make_config(name, **overrides))
 
 
+def budget_overrides(name: str, model: nn.Module, slim_config: SlimConfig | None = None) -> dict[str, Any]:
+    """``r`` and ``alpha`` (= 2r, the scale SLIM uses) giving method ``name`` the trainable budget of SLIM with
+    ``slim_config`` (default SlimConfig()) on ``model``: LoRA/DoRA the closest rank (``lora_rank_for_budget``), the
+    MoE baselines (default expert counts) the expert rank whose budget comes closest; {} for slim and full."""
+    if name in ("slim", "full"):
+        _method(name)
+        return {}
+    slim_config = slim_config or SlimConfig()
+    if name in ("lora", "dora"):
+        r = lora_rank_for_budget(model, slim_config=slim_config, dora=name == "dora")
+    else:
+        budget = _slim_trainable(model, slim_config)
+        r = min(range(1, 257), key=lambda r: abs(trainable_budget(name, model, r=r) - budget))
+    return {"r": r, "alpha": 2.0 * r}
+
+
 def lora_rank_for_budget(model: nn.Module, budget: int | None = None, *, slim_config: SlimConfig | None = None,
                          dora: bool = False, target_modules: str | list[str] | None = None) -> int:
     """The LoRA (or DoRA) rank whose trainable parameters come closest to ``budget``.
