@@ -31,7 +31,7 @@ class RouterOutput:
 
     weights: torch.Tensor  # (n, k) float32
     indices: torch.Tensor  # (n, k) long
-    probs: torch.Tensor  # (n, e) float32 softmax over all experts (after yielding)
+    probs: torch.Tensor | None  # (n, e) float32 softmax over all experts (after yielding); None when not needed
     aux_loss: torch.Tensor  # () float32, zero when no auxiliary loss applies
     aux_parts: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -45,13 +45,14 @@ def apply_yielding(logits: torch.Tensor, d: torch.Tensor | None, n_lora: int, st
     return logits + bump
 
 
-def select(logits: torch.Tensor, how: Selection, *, top_k: int = 2, top_p: float = 0.8
-           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Expert selection: returns (weights (n, k), indices (n, k), probs (n, e))."""
-    probs = logits.softmax(-1)  # (n, e)
+def select(logits: torch.Tensor, how: Selection, *, top_k: int = 2, top_p: float = 0.8, need_probs: bool = True
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Expert selection: returns (weights (n, k), indices (n, k), probs (n, e)); top-k with ``need_probs=False``
+    skips the full softmax (probs None), which only the balance loss reads."""
     if how == "top_k":
         vals, idx = logits.topk(top_k, dim=-1)  # (n, k)
-        return vals.softmax(-1), idx, probs
+        return vals.softmax(-1), idx, logits.softmax(-1) if need_probs else None
+    probs = logits.softmax(-1)  # (n, e)
     if how == "dense":
         idx = torch.arange(logits.shape[-1], device=logits.device).expand_as(logits)  # (n, e)
         return probs, idx, probs
@@ -99,7 +100,7 @@ def route(
     logits = F.linear(x.float(), router_weight.float())  # (n, e)
     if n_lora is not None:
         logits = apply_yielding(logits, d, n_lora, yield_strength)
-    weights, idx, probs = select(logits, how, top_k=top_k, top_p=top_p)
+    weights, idx, probs = select(logits, how, top_k=top_k, top_p=top_p, need_probs=balance_coef > 0.0)
     parts: dict[str, torch.Tensor] = {}
     aux = logits.new_zeros(())
     if balance_coef > 0.0:  # callers pass 0 in eval: auxiliary losses are zero there

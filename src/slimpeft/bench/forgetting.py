@@ -65,6 +65,8 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "experts-4": {"n_lora_experts": 4, "r": 32},
     "experts-16": {"n_lora_experts": 16, "r": 8},
     "threshold-1": {"threshold_std": 1.0},
+    "yield-32": {"yield_strength": 32.0},
+    "experts-4+yield-32": {"n_lora_experts": 4, "r": 32, "yield_strength": 32.0},
 }
 
 LR_GRID: dict[str, tuple[float, ...]] = {"adapter": (2e-3, 5e-3, 1e-2), "full": (2e-4, 5e-4, 1e-3)}
