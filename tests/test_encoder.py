@@ -174,3 +174,13 @@ def test_lr_searched_on_first_seed_then_reused_and_runs_resume(tmp_path, monkeyp
                                          r"\(differs in \['steps'\]\)"):
         run_encoder_bench(EncoderBenchConfig(**{**cfg.__dict__, "steps": 4}))
     assert calls == [] and (tmp_path / "tiny" / "lora-seed0.json").read_text() == before
+
+
+def test_cli_methods_option_is_validated():
+    from typer.testing import CliRunner
+
+    from slimpeft.cli import app
+
+    res = CliRunner().invoke(app, ["bench", "encoder", "--profile", "quick", "--methods", "lora,nope"])
+    assert res.exit_code != 0
+    assert "unknown ['nope']" in res.output

@@ -295,16 +295,18 @@ def bench_forgetting(
 @bench_app.command("encoder")
 def bench_encoder(
     profile: Annotated[str, typer.Option(help="quick (~13 min on 2 CPU cores: one seed) or full (3 seeds, LR grid "
-                                              "on a validation split, larger samples)")] = "quick",
+                                              "searched on seed 0's validation split, larger samples; ~2 h)")] = "quick",
     out: Annotated[str, typer.Option(help="results folder; records, summary.json and encoder.png go to "
-                                          "OUT/<profile>/")] = "results/encoder",
+                                          "OUT/<profile>/; records already there are read back, not measured "
+                                          "again")] = "results/encoder",
+    methods: Annotated[str, typer.Option(help="comma-separated methods (default: all seven)")] = "",
 ) -> None:
     """Learning vs forgetting on the real all-MiniLM-L6-v2 encoder: FOLDOC subjects vs WordNet general probes."""
     from .bench.encoder import run
 
     _setup_logging()
     try:
-        run(profile, out)
+        run(profile, out, [m.strip() for m in methods.split(",") if m.strip()] or None)
     except (ValueError, ImportError, FileNotFoundError) as e:
         _fail(str(e))
 

@@ -528,9 +528,10 @@ def plot_encoder(summary: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def run(profile: str = "quick", out: str | None = None) -> dict[str, Any]:
-    """Run a profile, print the table, return the summary (records and plot written under OUT/<profile>/)."""
-    cfg = profile_config(profile, **({"out": out} if out else {}))
+def run(profile: str = "quick", out: str | None = None, methods: list[str] | None = None) -> dict[str, Any]:
+    """Run (or resume) a profile, print the table, return the summary (records and plot written under
+    OUT/<profile>/). ``methods`` restricts the run (and the summary) to some methods."""
+    cfg = profile_config(profile, **({"out": out} if out else {}), **({"methods": methods} if methods else {}))
     run_encoder_bench(cfg)
     summary = json.loads((Path(cfg.out) / cfg.profile / "summary.json").read_text())
     print_encoder_table(summary)

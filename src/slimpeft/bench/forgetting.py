@@ -66,6 +66,10 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "experts-16": {"n_lora_experts": 16, "r": 8},
     "threshold-1": {"threshold_std": 1.0},
     "yield-32": {"yield_strength": 32.0},
+    # the first layer's own score flags few general inputs (it has no earlier layer to carry a maximum from), so its
+    # adapters change them: leave layer 0 frozen and give the other layers its budget (rank 21 x 9 ~ rank 16 x 12)
+    "skip-layer-0": {"target_modules": r"model\.layers\.[1-9][0-9]*\.mlp\.(gate_proj|up_proj|down_proj)",
+                     "r": 21, "alpha": 42.0},
     "experts-4+yield-32": {"n_lora_experts": 4, "r": 32, "yield_strength": 32.0},
 }
 

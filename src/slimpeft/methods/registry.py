@@ -48,7 +48,9 @@ DEVIATIONS: dict[str, list[str]] = {
         "adapts the same modules; the original gives q/k/v/o a plain LoRA",
         "no LoRA dropout (original: 0.05)",
         "padding tokens excluded from the load-balance statistics",
-        "only FFN blocks named `mlp` with gate/up/down (Llama family) or c_fc/c_proj (GPT-2) are supported",
+        "supported FFNs: blocks named `mlp` with gate/up/down (Llama family) or c_fc/c_proj (GPT-2), and BERT-style "
+        "encoder layers (intermediate.dense -> output.dense; the mixture replaces `intermediate`, `output.dense` "
+        "passes it on, `output` keeps its dropout and residual LayerNorm)",
     ],
     "mixlora-dy": [
         "as mixlora (attention LoRA off by default, no dropout, padding excluded from the balance loss)",
