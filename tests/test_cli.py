@@ -16,7 +16,7 @@ runner = CliRunner(env={"COLUMNS": "200"})  # rich sizes tables by COLUMNS when 
     ([], ["pretrain", "data", "train", "eval", "inspect", "bench"]),
     (["train"], ["--method", "--data", "--set", "--resume", "--steps", "--out"]),
     (["eval"], ["--tasks", "--harness", "--limit"]),
-    (["inspect"], ["--limit", "--png"]),
+    (["inspect"], ["--limit", "--png", "--per-task"]),
     (["bench", "layer"], ["--quick", "--json"]),
 ])
 def test_help_texts(command, words):
@@ -70,6 +70,24 @@ def test_inspect_writes_routing_table_and_heatmap(slim_run):
     assert len(report) == 6  # 2 layers x gate/up/down
     for r in report.values():
         assert 0.0 <= r["auroc_sequence"] <= 1.0 and sum(r["expert_load"]) == pytest.approx(1.0)
+
+
+def test_inspect_per_task_reports_every_task_and_layer(slim_run):
+    res = runner.invoke(app, ["inspect", str(slim_run), "--limit", "3", "--per-task"], terminal_width=250)
+    assert res.exit_code == 0, res.output
+    assert "routing per task" in res.output and "wordnet-hypernym" in res.output
+    by_task = json.loads((slim_run / "routing_by_task.json").read_text())
+    general = [t for t in by_task if t.startswith("general/")]
+    assert len(general) == 4 and len(by_task) == 7
+    overall = json.loads((slim_run / "routing.json").read_text())
+    for layer, r in overall.items():
+        assert all(set(v) == set(overall) for v in by_task.values())
+        for t in by_task:
+            x = by_task[t][layer]
+            assert 0 <= x["identity_weight"] <= 1 and 0 <= x["flagged"] <= 1 and 0 <= x["auroc_vs_downstream"] <= 1
+        # the per-task identity weights bracket the general mean of the overall report (a token-weighted average)
+        w = [by_task[t][layer]["identity_weight"] for t in general]
+        assert min(w) - 1e-6 <= r["identity_weight_general"] <= max(w) + 1e-6
 
 
 @pytest.mark.parametrize("method", ["lora", "mixlora"])

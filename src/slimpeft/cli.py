@@ -208,20 +208,28 @@ def inspect(
     run_dir: Annotated[str, typer.Argument(help="a run directory of a routed method (slim or a MoE baseline)")],
     limit: Annotated[int, typer.Option(help="test items per task used as inputs")] = 100,
     png: Annotated[str | None, typer.Option(help="heatmap path (default RUN_DIR/routing.png)")] = None,
+    per_task: Annotated[bool, typer.Option("--per-task", help="also a table per task (identity weight, flagged "
+                                                              "share, AUROC vs the downstream tasks) and "
+                                                              "RUN_DIR/routing_by_task.json")] = False,
 ) -> None:
     """Per-layer routing report: identity weight on general vs downstream inputs, expert load, OOD scores, AUROC."""
     from dataclasses import asdict
 
-    from .report import plot_routing, print_routing_table, routing_report
+    from .report import plot_routing, print_routing_table, print_task_routing_table, routing_by_task, routing_report
     from .training import load_run
 
     _setup_logging()
     try:
         model, tok, _ = load_run(run_dir)
         report = routing_report(model, tok, limit=limit)
+        by_task = routing_by_task(model, tok, limit=limit) if per_task else None
     except ValueError as e:
         _fail(str(e))
     print_routing_table(report)
+    if by_task is not None:
+        print_task_routing_table(by_task)
+        (Path(run_dir) / "routing_by_task.json").write_text(json.dumps(
+            {n: {k: asdict(v) for k, v in layers.items()} for n, layers in by_task.items()}, indent=2))
     out = Path(png) if png else Path(run_dir) / "routing.png"
     plot_routing(report, out)
     (Path(run_dir) / "routing.json").write_text(json.dumps({k: asdict(v) for k, v in report.items()}, indent=2))

@@ -149,6 +149,47 @@ def routing_report(model: Any, tokenizer: Any, *, limit: int = 100, seed: int = 
     return out
 
 
+@dataclass
+class TaskRouting:
+    """How one adapted layer routes the test inputs of one task."""
+
+    identity_weight: float  # mean weight on identity experts over the task's real tokens
+    flagged: float  # share of tokens with d > 0 (at the routing level: whole sequences when pooling)
+    auroc_vs_downstream: float  # sequence-mean score of this task (positive) vs every downstream task's (negative)
+
+
+def routing_by_task(model: Any, tokenizer: Any, *, limit: int = 100, seed: int = 0, batch_size: int = 32
+                    ) -> dict[str, dict[str, TaskRouting]]:
+    """task -> adapted layer -> routing of that task's test inputs: which general tasks are told apart from the
+    downstream data, in which layer, and how much identity weight they get (where a routed adapter still leaks)."""
+    if not hasattr(model, "routing_records"):
+        raise ValueError(f"{type(model).__name__} has no routing to report (plain LoRA/DoRA/full fine-tuning)")
+    per = {n: _collect(model, tokenizer, [format_training_text(ex) for ex in build_task(n, seed=seed).test[:limit]],
+                       batch_size) for n in list_tasks("general") + list_tasks("downstream")}
+    down = {layer: torch.cat([per[n][layer]["seq_u"] for n in list_tasks("downstream")])
+            for layer in per[list_tasks("downstream")[0]]}
+    return {n: {layer: TaskRouting(identity_weight=float(r["identity_weight"].mean()),
+                                   flagged=float((r["d"] > 0).float().mean()),
+                                   auroc_vs_downstream=auroc(r["seq_u"], down[layer]))
+                for layer, r in recs.items()}
+            for n, recs in per.items()}
+
+
+def print_task_routing_table(report: dict[str, dict[str, TaskRouting]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="routing per task: identity weight / flagged share / sequence AUROC vs downstream")
+    t.add_column("layer")
+    tasks = list(report)
+    for n in tasks:
+        t.add_column(n.split("/", 1)[-1], justify="right")
+    for layer in report[tasks[0]]:
+        t.add_row(short_name(layer), *(f"{report[n][layer].identity_weight:.2f}/{report[n][layer].flagged:.2f}/"
+                                       f"{report[n][layer].auroc_vs_downstream:.2f}" for n in tasks))
+    Console().print(t)
+
+
 def short_name(name: str) -> str:
     """'model.layers.3.mlp.up_proj' -> 'L3.up_proj' (tables and plots)."""
     return re.sub(r"^.*?(?:layers|layer|h)\.(\d+)\.(?:mlp\.)?", r"L\1.", name)
