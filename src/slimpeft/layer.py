@@ -14,6 +14,7 @@ base output's dtype. Adapter weights and the router are float32 whatever the bas
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -96,8 +97,8 @@ class EvalWeights:
     W: torch.Tensor  # (c + E + e*r, i) float32
     bias: torch.Tensor  # (c + E + e*r,) float32
     n_centers: int  # c, or 0 when no score is needed (no identity expert, no yielding, clusters never trained)
-    # (c, 2i + 1) per cluster: centre, gamma a_k / sd per channel, gamma b_k (clusters.score_affine with the yield
-    # strength gamma folded in), so that gamma d(x) = max(0, agg' - gamma b_k) from one row gather per token
+    # (c, 2i + 2) per cluster: centre, 1 / sd per channel, gamma a_k, gamma b_k (clusters.score_affine with the
+    # yield strength gamma folded in): gamma d(x) = max(0, gamma a_k agg - gamma b_k) from one row gather per token
     table: torch.Tensor | None
     B_cat: torch.Tensor  # (e*r, o) masked up-projections side by side, times the LoRA scale alpha / r
     A: torch.Tensor  # (e, r, i) masked A (the sparse dispatch's operand)
@@ -155,7 +156,7 @@ class SlimLinear(nn.Module):
         lead = x.shape[:-1]
         xf = x.reshape(-1, self.d_in)  # (n, i)
         if self._fast_eval():
-            return self._eval_forward(xf, result.reshape(-1, self.d_out)).view(*lead, self.d_out)
+            return self._eval_forward(xf, result.reshape(-1, self.d_out), lead).view(*lead, self.d_out)
         valid = valid_token_mask(self.ctx.attention_mask, lead)  # (n,) bool or None
         d = self._ood_score(xf, lead, valid)  # (n,) float32 or None
         ro = route(xf, self.router, "top_k", top_k=cfg.top_k, d=d, n_lora=cfg.n_lora_experts,
@@ -172,28 +173,39 @@ class SlimLinear(nn.Module):
 
     # ------------------------------------------------------------------------------------------ eval fast path
     def _fast_eval(self) -> bool:
-        """Inference (eval mode, no gradient, no recording) with per-token routing on the layer's own clusters."""
+        """Inference: eval mode, no gradient, no recording, masks other than exact DARE (every routing level)."""
         cfg = self.config
-        return (not self.training and not torch.is_grad_enabled() and not self.ctx.record
-                and cfg.ood_pooling == "token" and cfg.ood_source == "own" and cfg.mask_mode != "dare"
+        return (not self.training and not torch.is_grad_enabled() and not self.ctx.record and cfg.mask_mode != "dare"
                 and all(getattr(cfg, name) == default for name, default in self._new_options))
 
-    def _eval_forward(self, xf: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    def _eval_forward(self, xf: torch.Tensor, base: torch.Tensor, lead: torch.Size) -> torch.Tensor:
         """The reference forward's result in eval mode (same math, checked by tests/test_speed.py) with what does not
         change between calls cached: one addmm for centres, router and down-projections; no mask draw; no copy of B.
+        Per-token scores on the layer's own clusters are computed here; pooled or carried scores go through the
+        reference path's ``_ood_score`` with the nearest centres and aggregates taken from the fused matmul.
         xf (n, i), base (n, o) -> (n, o)."""
         cfg, ew = self.config, self._eval_weights()
         x = xf.float()
         H = torch.addmm(ew.bias, x, ew.W.T)  # (n, c + E + e*r)
-        c, E, n_lora = ew.n_centers, cfg.n_experts, cfg.n_lora_experts
+        c, E, n_lora, i = ew.n_centers, cfg.n_experts, cfg.n_lora_experts, self.d_in
         logits = H[:, c : c + E]  # (n, E) router logits
-        if c:  # weight yielding: identity logits += gamma * d(x)
-            i = self.d_in
+
+        def assign() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             k = H[:, :c].argmax(-1)  # (n,) nearest centre
-            g = ew.table.index_select(0, k)  # (n, 2i + 1): each token's centre row of the table
-            z = (x - g[:, :i]).abs_().mul_(g[:, i : 2 * i])  # (n, i) per-channel z-scores, times gamma a_k
+            g = ew.table.index_select(0, k)  # (n, 2i + 2): each token's row of the table
+            z = (x - g[:, :i]).abs_().mul_(g[:, i : 2 * i])  # (n, i) per-channel z-scores
             agg = z.amax(-1) if cfg.distance == "max" else z.square().mean(-1).sqrt()  # (n,)
-            logits[:, n_lora:] += (agg - g[:, 2 * i]).clamp_min_(0.0)[:, None]  # gamma d(x)
+            return k, agg, g
+
+        if cfg.n_identity_experts and cfg.yield_strength != 0.0:  # weight yielding: identity logits += gamma d(x)
+            if cfg.ood_pooling == "token" and cfg.ood_source == "own":
+                if c:  # clusters fitted (else d = 0)
+                    _, agg, g = assign()
+                    logits[:, n_lora:] += (agg * g[:, 2 * i] - g[:, 2 * i + 1]).clamp_min_(0.0)[:, None]
+            else:
+                valid = valid_token_mask(self.ctx.attention_mask, lead)
+                d = self._ood_score(xf, lead, valid, assign=lambda: assign()[:2])  # (n,)
+                logits[:, n_lora:] += cfg.yield_strength * d[:, None]
         vals, idx = logits.topk(cfg.top_k, dim=-1)  # (n, k)
         w = vals.softmax(-1)
         if auto_dispatch(cfg.top_k, n_lora, x.device) == "dense":
@@ -223,8 +235,8 @@ class SlimLinear(nn.Module):
             table = None
             if scores:
                 a, b = cl.score_affine()  # (c,) each: d = max(0, a_k agg - b_k)
-                gamma = cfg.yield_strength  # > 0 here
-                table = torch.cat([centers, cl.inv_sd() * (gamma * a)[:, None], (gamma * b)[:, None]], dim=1)
+                gamma = cfg.yield_strength
+                table = torch.cat([centers, cl.inv_sd(), (gamma * a)[:, None], (gamma * b)[:, None]], dim=1)
             ew = EvalWeights(W=W, bias=bias, n_centers=centers.shape[0], table=table, B_cat=stack_B(B) * ex.scaling,
                              A=A, B=B)
         self._eval_cache = (key, ew)
@@ -232,7 +244,10 @@ class SlimLinear(nn.Module):
 
     # ------------------------------------------------------------------------------------------ parts
     @torch.no_grad()
-    def _ood_score(self, xf: torch.Tensor, lead: torch.Size, valid: torch.Tensor | None) -> torch.Tensor | None:
+    def _ood_score(self, xf: torch.Tensor, lead: torch.Size, valid: torch.Tensor | None,
+                   assign: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor | None:
+        """d (n,) of the configured routing level and source (None without identity experts). ``assign`` gives the
+        nearest centres and aggregates when the caller has them cheaper than ``clusters.assign`` (eval fast path)."""
         cfg, cl, ctx = self.config, self.clusters, self.ctx
         if cfg.n_identity_experts == 0:  # nothing to yield to: skip the clustering entirely
             return None
@@ -251,7 +266,7 @@ class SlimLinear(nn.Module):
         if not self._clusters_initialized():  # never trained: no evidence of anything being out of domain
             d = x.new_zeros(x.shape[0])
         else:
-            k, agg = cl.assign(x)
+            k, agg = cl.assign(x) if assign is None else assign()
             if cfg.ood_pooling == "token":
                 d = cl.token_score(agg, k)
                 if ctx.record:  # the continuous score behind d, for separation (AUROC) reports
