@@ -109,8 +109,8 @@ class SlidingClusters(nn.Module):
     def score_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(a, b), each (c,), such that the per-token score is d = max(0, a_k agg - b_k) under ``ood_score``:
         'paper' a = 1, b = 1; 'calibrated' a = 1, b = mu_k + threshold_std sd_k; 'standardized' a = 1 / sd_k,
-        b = mu_k / sd_k + threshold_std. a > 0 always, so a_k can be folded into the per-channel 1 / sd (the eval
-        fast path does: max_j(a |x_j - c_j| / sd_j) = a max_j(|x_j - c_j| / sd_j), and likewise for rms)."""
+        b = mu_k / sd_k + threshold_std. One form for every mode, so the eval fast path can keep (a_k, b_k) per cluster
+        in the table it gathers once per token."""
         mode, t = self.config.ood_score, self.config.threshold_std
         one = torch.ones_like(self.agg_mean)
         if mode == "paper":
