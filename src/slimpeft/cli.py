@@ -257,7 +257,8 @@ def bench_speed(
     quick: Annotated[bool, typer.Option(help="smaller shapes and fewer repetitions (under a minute)")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object (every ratio at the top level)")
                        ] = False,
-    out: Annotated[str, typer.Option(help="output folder; the record is OUT/speed.json")] = "results/speed",
+    out: Annotated[str, typer.Option(help="output folder; the record is OUT/speed.json (OUT/speed-quick.json with "
+                                          "--quick)")] = "results/speed",
     base: Annotated[str, typer.Option(help="base model folder of the training and inference measurements")
                     ] = "assets/base",
 ) -> None:
@@ -268,7 +269,8 @@ def bench_speed(
     _setup_logging()
     if not Path(base).is_dir():
         _fail(f"--base {base}: no such model folder")
-    result = run_speed_bench(quick=quick, out=Path(out) / "speed.json", base=base)
+    # a quick run never overwrites the full record
+    result = run_speed_bench(quick=quick, out=Path(out) / ("speed-quick.json" if quick else "speed.json"), base=base)
     if as_json:
         typer.echo(json.dumps(result, sort_keys=True))
     else:
