@@ -206,7 +206,8 @@ def test_speed_bench_records_every_ratio_and_target(tmp_path):
         assert result["infer"][n]["batch2_tokens_per_s"] > 0
         assert result["infer_wide"][n]["batch2_tokens_per_s"] > 0
     assert result["infer_wide_slim_over_base_tokens_per_s"] == pytest.approx(min(
-        result["infer_wide_slim_over_base_tokens_per_s_batch1"], result["infer_wide_slim_over_base_tokens_per_s_batch2"]))
+        result["infer_wide_slim_over_base_tokens_per_s_batch1"],
+        result["infer_wide_slim_over_base_tokens_per_s_batch2"]))
     assert result["meta"]["wide_shape"]["hidden_size"] == 2048
     assert 0 < result["infer_slim_recommended_over_base_tokens_per_s"] <= result[
         "infer_slim_recommended_over_base_tokens_per_s_batch1"]

@@ -264,13 +264,12 @@ def bench_speed(
 ) -> None:
     """Layer, masking, model training (tokens/s, peak memory) and generation speed of SLIM vs LoRA, the MoE
     baselines, full fine-tuning and the base model, side by side in one run, with the issue-6 targets."""
-    from .bench.speed import print_speed_result, run_speed_bench
+    from .bench.speed import print_speed_result, record_path, run_speed_bench
 
     _setup_logging()
     if not Path(base).is_dir():
         _fail(f"--base {base}: no such model folder")
-    # a quick run never overwrites the full record
-    result = run_speed_bench(quick=quick, out=Path(out) / ("speed-quick.json" if quick else "speed.json"), base=base)
+    result = run_speed_bench(quick=quick, out=record_path(Path(out), quick), base=base)
     if as_json:
         typer.echo(json.dumps(result, sort_keys=True))
     else:
@@ -305,7 +304,8 @@ def bench_forgetting(
 @bench_app.command("encoder")
 def bench_encoder(
     profile: Annotated[str, typer.Option(help="quick (~13 min on 2 CPU cores: one seed) or full (3 seeds, LR grid "
-                                              "searched on seed 0's validation split, larger samples; ~2 h)")] = "quick",
+                                              "searched on seed 0's validation split, larger samples; ~2 h)")
+                       ] = "quick",
     out: Annotated[str, typer.Option(help="results folder; records, summary.json and encoder.png go to "
                                           "OUT/<profile>/; records already there are read back, not measured "
                                           "again")] = "results/encoder",

@@ -194,8 +194,7 @@ class SlimLinear(nn.Module):
             k = H[:, :c].argmax(-1)  # (n,) nearest centre
             g = ew.table.index_select(0, k)  # (n, 2i + 2): each token's row of the table
             z = (x - g[:, :i]).abs_().mul_(g[:, i : 2 * i])  # (n, i) per-channel z-scores
-            agg = z.amax(-1) if cfg.distance == "max" else z.square().mean(-1).sqrt()  # (n,)
-            return k, agg, g
+            return k, self.clusters.aggregate(z), g
 
         if cfg.n_identity_experts and cfg.yield_strength != 0.0:  # weight yielding: identity logits += gamma d(x)
             if cfg.ood_pooling == "token" and cfg.ood_source == "own":

@@ -17,7 +17,8 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=40, help="separation: training batches that fit the clusters")
     ap.add_argument("--limit", type=int, default=100, help="separation: test items per task")
     ap.add_argument("--out", type=Path, default=None,
-                    help="JSON output (default under results/); speed: a folder, the record is OUT/speed.json")
+                    help="JSON output (default under results/); speed: a folder, the record is OUT/speed.json "
+                         "(OUT/speed-quick.json with --quick)")
     a = ap.parse_args()
     if a.which == "layer":
         from .speed import print_layer_table, run_layer_bench
@@ -35,9 +36,9 @@ def main() -> None:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         run_encoder(a.profile, str(a.out) if a.out else None)
     elif a.which == "speed":
-        from .speed import print_speed_result, run_speed_bench
+        from .speed import print_speed_result, record_path, run_speed_bench
 
-        result = run_speed_bench(quick=a.quick, out=(a.out or Path("results/speed")) / "speed.json", base=a.base)
+        result = run_speed_bench(quick=a.quick, out=record_path(a.out or Path("results/speed"), a.quick), base=a.base)
         if a.json:
             print(json.dumps(result, sort_keys=True))
         else:

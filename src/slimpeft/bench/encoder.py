@@ -77,9 +77,9 @@ class EncoderBenchConfig:
     lr_grid: list[float] = field(default_factory=lambda: [1.0],
                                  metadata={"help": "Multipliers of the base lr tried per run (same for all)."})
     lr_search: str = field(default="first_seed",
-                           metadata={"help": "With an lr grid: 'first_seed' searches it on the first seed's validation "
-                                     "split and trains the other seeds at the lr chosen there; 'every_seed' searches "
-                                     "it on every seed."})
+                           metadata={"help": "With an lr grid: 'first_seed' searches it on the first seed's "
+                                     "validation split and trains the other seeds at the lr chosen there; "
+                                     "'every_seed' searches it on every seed."})
     head_lr: float = field(default=1e-2, metadata={"help": "Learning rate of the cosine classifier head."})
     scale: float = field(default=20.0, metadata={"help": "Logit scale of the cosine classifier."})
     slim: dict[str, Any] = field(default_factory=lambda: dict(SLIM_ENCODER),

@@ -148,8 +148,8 @@ def print_layer_table(result: dict) -> None:
 
 # ------------------------------------------------------------------------------------------------ model level
 TRAIN_METHODS = ("slim", "lora", "mixlora", "loramoe", "full")
-# "slim-recommended": SLIM with config.RECOMMENDED_ROUTING (sequence-pooled score carried over layers), what `make demo`
-# and the forgetting benchmark use; "slim" is SlimConfig's defaults (the paper's per-token routing)
+# "slim-recommended": SLIM with config.RECOMMENDED_ROUTING (sequence-pooled score carried over layers), what
+# `make demo` and the forgetting benchmark use; "slim" is SlimConfig's defaults (the paper's per-token routing)
 INFER_METHODS = ("base", "lora", "slim", "slim-recommended")
 
 
@@ -395,6 +395,12 @@ def run_speed_bench(quick: bool = False, out: Path | None = None, base: str = "a
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2, sort_keys=True))
     return result
+
+
+def record_path(out_dir: Path, quick: bool) -> Path:
+    """Where ``slim bench speed`` writes its record: OUT/speed.json, or OUT/speed-quick.json for a quick run (a quick
+    run never overwrites the full record)."""
+    return out_dir / ("speed-quick.json" if quick else "speed.json")
 
 
 def print_speed_result(result: dict) -> None:

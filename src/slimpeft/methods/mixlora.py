@@ -47,7 +47,6 @@ from ..router import route
 from .common import AdapterModule, LoraLinear, MoeModel, freeze, seeded_generator
 from .config import MixLoraConfig, MixLoraDyConfig
 
-# FFN structures MixLoRA knows: (kind, the block's linear layers in data-flow order)
 # FFN structures MixLoRA knows: kind -> the block's linear layers (paths inside the block), in data-flow order
 FFN_KINDS: dict[str, tuple[str, ...]] = {
     "gated": ("gate_proj", "up_proj", "down_proj"),  # llama, mistral, qwen2/3, gemma, olmo, smollm3: act(gate)*up
@@ -136,13 +135,13 @@ class MixLoraFFN(AdapterModule):
         def up(path: str) -> torch.Tensor:  # (m, I) W x + b with expert j's LoRA, per slot
             return self.linears[path](xf).float()[tok] + self.lora[_key(path)](xs, one, idx)
 
-        *ups, down_path = FFN_KINDS[self.kind]
         if self.kind == "gated":
             hs = base.act_fn(up("gate_proj")) * up("up_proj")  # (m, I) expert-specific input of the down-projection
         elif self.kind == "gpt2":
             hs = base.act(up("c_fc"))  # (m, I)
         else:
             hs = base.intermediate_act_fn(up("intermediate.dense"))  # (m, I)
+        down_path = FFN_KINDS[self.kind][-1]
         down = self.linears[down_path]
 
         wf = w.float()
