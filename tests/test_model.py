@@ -319,3 +319,81 @@ def test_first_layer_score_is_shared(ids):
     # only the first layer's clusters were fitted
     layers = list(model.slim_layers().values())
     assert bool(layers[0].clusters.initialized) and not bool(layers[-1].clusters.initialized)
+
+
+PREPASS = dict(**SMALL, ood_pooling="sequence", ood_score="standardized", threshold_std=0.0)
+
+
+def test_prepass_routes_every_layer_on_the_base_pass_maximum(ids):
+    """ood_source 'prepass': every layer, the first included, routes on the maximum over all layers of the scores
+    of the frozen base's hidden states; the same scores a model whose adapters are zero computes layer by layer."""
+    model = get_slim_model(tiny_llama(), SlimConfig(**PREPASS, ood_source="prepass", yield_strength=8.0))
+    _train_steps(model, ids, n=3)
+    _randomise_b(model)  # adapters that change the hidden states a lot: the base pass must not see them
+    mask = torch.ones_like(ids)
+    rec = model.routing_records(input_ids=ids + 0, attention_mask=mask)
+    # the same clusters, adapters zero: each layer's own score is its score of the base's hidden states
+    own = get_slim_model(tiny_llama(), SlimConfig(**PREPASS, ood_source="own", yield_strength=8.0))
+    own.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for layer in own.slim_layers().values():
+            layer.experts.lora_B.zero_()
+    rec_own = own.routing_records(input_ids=ids + 0, attention_mask=mask)
+    expected = torch.stack([r["d"] for r in rec_own.values()]).max(0).values
+    assert (expected > 0).any() and (expected == 0).any()  # some sequences flagged, some not
+    for name, r in rec.items():
+        torch.testing.assert_close(r["d"], expected, msg=name)
+    first = next(iter(rec_own))
+    assert (expected > rec_own[first]["d"]).any()  # the first layer routes on more than its own score
+
+
+def test_prepass_fits_the_clusters_on_the_base_hidden_states_once_per_step(ids):
+    """With lr 0 and zero adapters the adapted model is the base, so a per-layer model fits the same clusters on the
+    same hidden states: the scoring pass must update each layer's clusters exactly as often, on the base's states."""
+    models = {src: get_slim_model(tiny_llama(), SlimConfig(**PREPASS, ood_source=src, mask_mode="none"))
+              for src in ("prepass", "own")}
+    for m in models.values():
+        m.train()
+        for _ in range(3):
+            m(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)  # no optimizer step: B stays 0
+    for (name, a), b in zip(models["prepass"].slim_layers().items(), models["own"].slim_layers().values()):
+        assert int(a.clusters.n_updates) == int(b.clusters.n_updates) == 2, name  # init + 2 updates
+        torch.testing.assert_close(a.clusters.centers, b.clusters.centers, msg=name)
+        torch.testing.assert_close(a.clusters.pool_mean, b.clusters.pool_mean, msg=name)
+
+
+def test_prepass_generation_keeps_the_prompt_score(ids):
+    model = get_slim_model(tiny_llama(), SlimConfig(**PREPASS, ood_source="prepass", yield_strength=8.0))
+    _train_steps(model, ids, n=2)
+    _randomise_b(model)
+    model.ctx.record = True
+    try:
+        with torch.no_grad():
+            gen = model.generate(input_ids=ids[:2], attention_mask=torch.ones_like(ids[:2]), do_sample=False,
+                                 max_new_tokens=3, min_new_tokens=3, pad_token_id=0)
+    finally:
+        model.ctx.record = False
+    layer = next(iter(model.slim_layers().values()))
+    recs, layer.records = layer.records, []
+    for other in model.slim_layers().values():
+        other.records = []
+    assert gen.shape == (2, ids.shape[1] + 3) and len(recs) == 3  # the prompt, then 2 KV-cache steps of one token
+    prompt_d = recs[0]["d"].view(2, -1)[:, -1]
+    for step in recs[1:]:
+        torch.testing.assert_close(step["d"], prompt_d)
+    with pytest.raises(RuntimeError, match="without their prompt's score"):
+        model._prompt_score = None
+        with torch.no_grad():
+            pre = model.base_model(input_ids=ids[:1], use_cache=True)
+            model._prompt_score = None
+            model(input_ids=ids[:1, -1:], past_key_values=pre.past_key_values, use_cache=True)
+
+
+def test_prepass_is_off_with_the_adapters_and_needs_pooling(ids):
+    model = get_slim_model(tiny_llama(), SlimConfig(**PREPASS, ood_source="prepass", yield_strength=8.0))
+    _randomise_b(model)
+    with torch.no_grad(), model.disable_adapter():
+        out = model(input_ids=ids).logits
+    torch.testing.assert_close(out, tiny_llama()(input_ids=ids).logits)
+    with pytest.raises(ValueError, match="'prepass' needs `ood_pooling`"):
+        SlimConfig(ood_source="prepass", ood_pooling="token")

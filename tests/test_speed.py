@@ -232,7 +232,8 @@ def test_peak_memory_grows_with_the_batch():
 @pytest.mark.parametrize("routing", [
     {"ood_pooling": "sequence", "ood_score": "standardized", "ood_source": "max", "yield_strength": 8.0},
     {"ood_pooling": "causal", "ood_score": "standardized", "ood_source": "first", "yield_strength": 8.0},
-], ids=["sequence-max", "causal-first"])
+    {"ood_pooling": "sequence", "ood_score": "standardized", "ood_source": "prepass", "yield_strength": 8.0},
+], ids=["sequence-max", "causal-first", "sequence-prepass"])
 def test_fast_path_with_carried_scores_equals_reference_in_a_whole_model(routing):
     """Scores carried across layers (max / first) and pooled over the sequence, in a forward pass and in KV-cache
     generation: the eval fast path gives the reference path's logits and tokens."""

@@ -36,7 +36,7 @@ MaskMode = Literal["fast", "dare", "none"]
 InferenceMask = Literal["fixed", "none"]
 OodScore = Literal["paper", "calibrated", "standardized"]
 OodPooling = Literal["token", "sequence", "causal"]
-OodSource = Literal["own", "first", "max"]
+OodSource = Literal["own", "first", "max", "prepass"]
 
 
 # The routing this project measured to tell general from downstream inputs apart best on its shipped base
@@ -105,7 +105,12 @@ class SlimConfig:
         metadata={"help": "'own': each layer uses its own clusters' score; 'first': every layer uses the score "
                   "of the first adapted layer that runs; 'max': each layer uses the maximum of its own score and "
                   "the scores of the adapted layers that ran before it in the same forward pass (an input flagged "
-                  "out-of-domain once stays on the identity experts in every later layer)."},
+                  "out-of-domain once stays on the identity experts in every later layer); 'prepass': a scoring "
+                  "pass through the frozen base (adapters off, no gradient) runs first, every layer scores the "
+                  "base's hidden states on its clusters (and, in training, updates them there), and every layer "
+                  "then routes on the maximum over all layers, the first included. Costs one base forward more "
+                  "per call (generation: the prompt only; new tokens keep the prompt's score). Needs a pooled "
+                  "ood_pooling."},
     )
     yield_strength: float = field(
         default=1.0,
@@ -183,6 +188,9 @@ class SlimConfig:
                 ok = False
             if not ok:
                 errs.append(f"`{name}`={v!r} must be a finite number >= 0")
+        if self.ood_source == "prepass" and self.ood_pooling == "token":
+            errs.append("`ood_source`='prepass' needs `ood_pooling` 'sequence' or 'causal' (tokens generated with a "
+                        "KV cache keep the prompt's score; a per-token score would need the base model's own cache)")
         if not isinstance(self.mask_rescale, bool):
             errs.append(f"`mask_rescale`={self.mask_rescale!r} must be true or false")
         tm = self.target_modules

@@ -39,12 +39,20 @@ class RoutingContext:
     carried_u: torch.Tensor | None = None
     record: bool = False  # routing_stats(): layers append what they routed to their records
     aux_losses: list[torch.Tensor] = field(default_factory=list)
+    # ood_source "prepass": "score" while the scoring pass through the frozen base runs (layers return the base
+    # output and carry the running maximum of their own scores), "route" otherwise; fixed_score / fixed_u (n,) are
+    # that pass's maximum over all layers, which every layer routes on
+    phase: str = "route"
+    fixed_score: torch.Tensor | None = None
+    fixed_u: torch.Tensor | None = None
 
     def reset(self, attention_mask: torch.Tensor | None, past_length: int = 0) -> None:
         self.attention_mask = attention_mask
         self.past_length = past_length
         self.carried_score = None
         self.carried_u = None
+        self.fixed_score = None
+        self.fixed_u = None
         self.aux_losses = []
 
 
@@ -155,6 +163,9 @@ class SlimLinear(nn.Module):
         cfg = self.config
         lead = x.shape[:-1]
         xf = x.reshape(-1, self.d_in)  # (n, i)
+        if self.ctx.phase == "score":  # the scoring pass of ood_source "prepass": score the base's hidden states
+            self._ood_score(xf, lead, valid_token_mask(self.ctx.attention_mask, lead))
+            return result
         if self._fast_eval():
             return self._eval_forward(xf, result.reshape(-1, self.d_out), lead).view(*lead, self.d_out)
         valid = valid_token_mask(self.ctx.attention_mask, lead)  # (n,) bool or None
@@ -217,7 +228,7 @@ class SlimLinear(nn.Module):
         sources = (ex.lora_A, ex.lora_B, self.router, cl.centers, cl.variances, cl.agg_mean, cl.agg_var,
                    cl.initialized)
         key = (cfg.mask_mode, cfg.mask_rate, cfg.mask_rescale, cfg.inference_mask, cfg.distance, cfg.ood_score,
-               cfg.threshold_std, cfg.spread_floor, cfg.yield_strength,
+               cfg.threshold_std, cfg.spread_floor, cfg.yield_strength, cfg.ood_source,
                *((id(t), t._version, t.data_ptr()) for t in sources))
         if self._eval_cache is not None and self._eval_cache[0] == key:
             return self._eval_cache[1]
@@ -226,7 +237,8 @@ class SlimLinear(nn.Module):
             A = (ex.lora_A if A_m is None else A_m).detach().float()
             B = (ex.lora_B if B_m is None else B_m).detach().float()
             e, r, i = A.shape
-            scores = cfg.n_identity_experts > 0 and cfg.yield_strength != 0.0 and self._clusters_initialized()
+            scores = (cfg.n_identity_experts > 0 and cfg.yield_strength != 0.0 and cfg.ood_source != "prepass"
+                      and self._clusters_initialized())  # prepass: the score comes from the scoring pass
             centers = cl.centers.float() if scores else A.new_zeros(0, i)
             W = torch.cat([centers, self.router.detach().float(), A.reshape(e * r, i)])  # (c + E + e*r, i)
             bias = torch.zeros(W.shape[0], device=W.device)
@@ -250,6 +262,14 @@ class SlimLinear(nn.Module):
         cfg, cl, ctx = self.config, self.clusters, self.ctx
         if cfg.n_identity_experts == 0:  # nothing to yield to: skip the clustering entirely
             return None
+        if cfg.ood_source == "prepass" and ctx.phase == "route":
+            if ctx.fixed_score is None or ctx.fixed_score.shape[0] != xf.shape[0]:
+                raise RuntimeError(
+                    f"{self.name}: ood_source='prepass' found no scoring-pass score for these {xf.shape[0]} tokens; "
+                    "call the adapted model (SlimModel or its base model with the SLIM layers in it), whose forward "
+                    "pre-hook runs the scoring pass, not a layer on its own")
+            self._last_u = ctx.fixed_u
+            return ctx.fixed_score
         carried = ctx.carried_score is not None and ctx.carried_score.shape[0] == xf.shape[0]
         if cfg.ood_source == "first" and carried:
             self._last_u = ctx.carried_u
@@ -274,7 +294,7 @@ class SlimLinear(nn.Module):
                 d = self._pooled_score(agg, k, lead, valid, just_initialized)
             if self.training and not just_initialized:
                 cl.update(x, k, agg, valid)  # padding weighted out, not copied out
-        if cfg.ood_source == "max" and carried:  # flagged by any earlier layer -> flagged here too
+        if cfg.ood_source in ("max", "prepass") and carried:  # flagged by any earlier layer -> flagged here too
             d = torch.maximum(d, ctx.carried_score)
             if self._last_u is not None and ctx.carried_u is not None:
                 self._last_u = torch.maximum(self._last_u, ctx.carried_u)

@@ -257,6 +257,61 @@ class SlimModel(AdaptedModel):
     def __init__(self, model: nn.Module, config: SlimConfig, layer_names: list[str]) -> None:
         super().__init__(model, layer_names, RoutingContext())
         self.slim_config = config
+        # ood_source "prepass": each sequence's score from the prompt's scoring pass, for the KV-cache steps after it
+        self._prompt_score: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    def _capture_context(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self.ctx.phase == "score":  # the scoring pass's own call of the base model: the context is set already
+            return
+        super()._capture_context(module, args, kwargs)
+        if self.slim_config.ood_source == "prepass" and not any(m.disabled for m in self.slim_layers().values()):
+            self._scoring_pass(module, args, kwargs)
+
+    def _scoring_pass(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """ood_source "prepass": run the frozen base over the inputs (adapters off, no gradient, no cache) so that
+        every layer scores the base's hidden states, then let every layer route on the maximum over all layers.
+        A KV-cache step (generation after the prompt) reuses the prompt's score: the new tokens are not rescored."""
+        ctx = self.ctx
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+        if ids is None:
+            raise ValueError("ood_source='prepass': the forward pass got neither input_ids nor inputs_embeds")
+        b, t = ids.shape[0], (ids.shape[1] if ids.dim() > 1 else 1)
+        if ctx.past_length > 0:
+            if self._prompt_score is None or self._prompt_score[0].shape[0] != b:
+                raise RuntimeError(
+                    f"ood_source='prepass': a KV-cache step for {b} sequence(s) arrived without their prompt's score; "
+                    "run the prompt through this model first (generate() does) instead of passing an outside cache")
+            d, u = self._prompt_score
+            ctx.fixed_score = d.repeat_interleave(t)
+            ctx.fixed_u = None if u is None else u.repeat_interleave(t)
+            return
+        kw = {k: v for k, v in kwargs.items() if k not in ("labels", "past_key_values", "cache", "num_items_in_batch")}
+        kw["use_cache"] = False
+        # the frozen base as it is at inference: dropout off; the SLIM layers keep their mode (in training they
+        # fit their clusters on the base's hidden states during this pass)
+        modes = [(m, m.training) for m in module.modules()]
+        layers = [(layer, layer.training) for layer in self.slim_layers().values()]
+        module.eval()
+        for layer, mode in layers:
+            layer.train(mode)
+        ctx.phase, ctx.carried_score, ctx.carried_u = "score", None, None
+        try:
+            with torch.no_grad():
+                module(*args, **kw)
+            d, u = ctx.carried_score, ctx.carried_u  # (b*t,) the maximum over all layers
+        finally:
+            ctx.phase = "route"
+            for m, mode in modes:
+                m.training = mode
+        ctx.reset(ctx.attention_mask, ctx.past_length)
+        if d is None:  # no layer scored (no identity experts): nothing to yield
+            d = torch.zeros(b * t, device=ids.device)
+        ctx.fixed_score, ctx.fixed_u = d, u
+        # the last position's score is the whole prompt's (sequence pooling: every position's; causal: the mean
+        # over all real tokens, padding weighted out); the KV-cache steps that follow route on it
+        self._prompt_score = (d.view(b, t)[:, -1], None if u is None else u.view(b, t)[:, -1])
 
     def aux_loss(self) -> torch.Tensor:
         """l1_weight * sum of the layers' size-normalised L1 penalties (+ any routing losses of this pass)."""

@@ -71,6 +71,10 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "skip-layer-0": {"target_modules": r"model\.layers\.[1-9][0-9]*\.mlp\.(gate_proj|up_proj|down_proj)",
                      "r": 21, "alpha": 42.0},
     "experts-4+yield-32": {"n_lora_experts": 4, "r": 32, "yield_strength": 32.0},
+    # the fix for that leak that keeps layer 0's adapters: score the input in a pass through the frozen base first,
+    # then every layer (layer 0 included) routes on the maximum score over all layers
+    "prepass": {"ood_source": "prepass"},
+    "prepass+experts-4": {"ood_source": "prepass", "n_lora_experts": 4, "r": 32},
 }
 
 LR_GRID: dict[str, tuple[float, ...]] = {"adapter": (2e-3, 5e-3, 1e-2), "full": (2e-4, 5e-4, 1e-3)}
