@@ -75,6 +75,9 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     # then every layer (layer 0 included) routes on the maximum score over all layers
     "prepass": {"ood_source": "prepass"},
     "prepass+experts-4": {"ood_source": "prepass", "n_lora_experts": 4, "r": 32},
+    "prepass+causal": {"ood_source": "prepass", "ood_pooling": "causal"},
+    "prepass+yield-32": {"ood_source": "prepass", "yield_strength": 32.0},
+    "prepass+yield-128": {"ood_source": "prepass", "yield_strength": 128.0},
 }
 
 LR_GRID: dict[str, tuple[float, ...]] = {"adapter": (2e-3, 5e-3, 1e-2), "full": (2e-4, 5e-4, 1e-3)}
