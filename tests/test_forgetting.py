@@ -98,6 +98,12 @@ def test_benchmark_writes_records_summary_and_plot_and_resumes(tiny_base, tmp_pa
     with pytest.raises(ValueError, match=r"3 steps and 4 test items .*'longer' uses 4 and 4: choose another --out"):
         fg.run_benchmark(longer, base=str(tiny_base), out=out, methods_=["lora"], log=lambda s: None)
     assert {p.name: p.stat().st_mtime_ns for p in (out / "records").iterdir()} == before
+    # a changed default configuration: the old SLIM records are refused, named with the differing field, not reused
+    monkeypatch.setattr(fg, "SLIM_BENCH", {**fg.SLIM_BENCH, **SMALL_SLIM, "yield_strength": 3.0})
+    with pytest.raises(ValueError, match=r"(?s)1 record\(s\) .*slim__mds__seed0__lr0\.005\.json: yield_strength "
+                                         r"recorded [0-9.]+, now 3\.0"):
+        fg.run_benchmark(TINY, base=str(tiny_base), out=out, methods_=["slim", "lora"], log=lambda s: None)
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "records").iterdir()} == before
 
 
 def test_corrupt_record_is_reported_with_its_path(tmp_path):

@@ -357,6 +357,28 @@ def load_records(out: Path) -> list[dict[str, Any]]:
     return records
 
 
+def stale_records(existing: Sequence[dict[str, Any]], specs: Sequence[RunSpec], out: Path) -> None:
+    """A record is reused only when it was measured with the configuration the run would use now: a record of the
+    same (method, setting, seed, lr) with other overrides (e.g. measured before a default changed) is refused, with
+    the differing fields named, instead of being reported as the new configuration's result."""
+    want = {(s.method, s.setting, s.seed, s.lr): s for s in specs}
+    problems = []
+    for r in existing:
+        s = want.get((r["method"], r["setting"], r["seed"], r["lr"]))
+        if s is None:
+            continue
+        got, exp = json.loads(json.dumps(r.get("overrides", {}))), json.loads(json.dumps(s.overrides))
+        diff = sorted(k for k in set(got) | set(exp) if got.get(k) != exp.get(k))
+        if diff:
+            problems.append(f"{out / 'records' / (s.key + '.json')}: "
+                            + ", ".join(f"{k} recorded {got.get(k)!r}, now {exp.get(k)!r}" for k in diff))
+    if problems:
+        raise ValueError(f"{out}: {len(problems)} record(s) were measured with another configuration than this run "
+                         "would use; move them out of records/ (or choose another --out) to measure them again:\n  "
+                         + "\n  ".join(problems[:10]) + (f"\n  ... {len(problems) - 10} more" if len(problems) > 10
+                                                         else ""))
+
+
 def run_benchmark(profile: str | Profile = "quick", base: str = "assets/base", out: str | Path = "results/forgetting",
                   methods_: Sequence[str] = METHODS, dry_run: bool = False,
                   log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -380,6 +402,7 @@ def run_benchmark(profile: str | Profile = "quick", base: str = "assets/base", o
         raise ValueError(f"{out}: holds records measured with {r.get('steps')} steps and {r.get('limit')} test items "
                          f"per task (profile {r.get('profile')!r}, e.g. {r['method']} {r['setting']}); profile "
                          f"{prof.name!r} uses {prof.steps} and {prof.limit}: choose another --out")
+    stale_records(existing, plan(prof, base_model, methods_), out)
     done = {(r["method"], r["setting"], r["seed"], r["lr"]) for r in existing}
     base_path = out / "base_general.json"
     if base_path.is_file():
