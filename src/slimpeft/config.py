@@ -40,11 +40,12 @@ OodSource = Literal["own", "first", "max", "prepass"]
 
 
 # The routing this project measured to tell general from downstream inputs apart best on its shipped base
-# (BENCHMARKS.md sections 2 and 4): each layer pools its standardized score over the sequence, carries the running
-# maximum of the earlier layers' scores, and yields strongly. `SlimConfig(**RECOMMENDED_ROUTING)`; `make demo` and
+# (BENCHMARKS.md sections 2 and 4): a scoring pass through the frozen base first, each layer's standardized score
+# pooled over the sequence, every layer routing on the maximum over all layers, and a yield strong enough to send a
+# flagged sequence to the identity experts outright. `SlimConfig(**RECOMMENDED_ROUTING)`; `make demo` and
 # `slim bench forgetting` use it. The defaults stay the paper's per-token form.
-RECOMMENDED_ROUTING: dict[str, Any] = {"ood_pooling": "sequence", "ood_score": "standardized", "ood_source": "max",
-                                      "yield_strength": 8.0}
+RECOMMENDED_ROUTING: dict[str, Any] = {"ood_pooling": "sequence", "ood_score": "standardized",
+                                      "ood_source": "prepass", "yield_strength": 32.0}
 
 
 @dataclass

@@ -48,11 +48,19 @@ SLIM_BENCH: dict[str, Any] = dict(RECOMMENDED_ROUTING)
 ABLATIONS: dict[str, dict[str, Any]] = {
     "paper": {"ood_pooling": "token", "ood_score": "paper", "ood_source": "own", "yield_strength": 1.0,
               "spread_floor": 0.0, "inference_mask": "fixed"},
-    "no-spread-floor": {"spread_floor": 0.0},
-    "inference-mask-fixed": {"inference_mask": "fixed"},
     "token-calibrated": {"ood_pooling": "token", "ood_score": "calibrated", "ood_source": "own",
                          "yield_strength": 1.0},
+    # the routing recommended before the scoring pass: the running maximum of the layers run so far (layer 0 sees
+    # only its own score), yield 8; and the same with yield 32 (what the scoring pass adds at an equal yield)
+    "carried-max": {"ood_source": "max", "yield_strength": 8.0},
+    "carried-max+yield-32": {"ood_source": "max"},
     "own-layer-score": {"ood_source": "own"},
+    "causal": {"ood_pooling": "causal"},
+    "yield-8": {"yield_strength": 8.0},
+    "yield-128": {"yield_strength": 128.0},
+    "no-spread-floor": {"spread_floor": 0.0},
+    "inference-mask-fixed": {"inference_mask": "fixed"},
+    "threshold-1": {"threshold_std": 1.0},
     "no-identity": {"n_identity_experts": 0},
     "no-yield": {"yield_strength": 0.0},
     "no-mask": {"mask_mode": "none"},
@@ -64,20 +72,6 @@ ABLATIONS: dict[str, dict[str, Any]] = {
                                          "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]},
     "experts-4": {"n_lora_experts": 4, "r": 32},
     "experts-16": {"n_lora_experts": 16, "r": 8},
-    "threshold-1": {"threshold_std": 1.0},
-    "yield-32": {"yield_strength": 32.0},
-    # the first layer's own score flags few general inputs (it has no earlier layer to carry a maximum from), so its
-    # adapters change them: leave layer 0 frozen and give the other layers its budget (rank 21 x 9 ~ rank 16 x 12)
-    "skip-layer-0": {"target_modules": r"model\.layers\.[1-9][0-9]*\.mlp\.(gate_proj|up_proj|down_proj)",
-                     "r": 21, "alpha": 42.0},
-    "experts-4+yield-32": {"n_lora_experts": 4, "r": 32, "yield_strength": 32.0},
-    # the fix for that leak that keeps layer 0's adapters: score the input in a pass through the frozen base first,
-    # then every layer (layer 0 included) routes on the maximum score over all layers
-    "prepass": {"ood_source": "prepass"},
-    "prepass+experts-4": {"ood_source": "prepass", "n_lora_experts": 4, "r": 32},
-    "prepass+causal": {"ood_source": "prepass", "ood_pooling": "causal"},
-    "prepass+yield-32": {"ood_source": "prepass", "yield_strength": 32.0},
-    "prepass+yield-128": {"ood_source": "prepass", "yield_strength": 128.0},
 }
 
 LR_GRID: dict[str, tuple[float, ...]] = {"adapter": (2e-3, 5e-3, 1e-2), "full": (2e-4, 5e-4, 1e-3)}
