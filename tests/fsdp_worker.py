@@ -1,6 +1,6 @@
 """Run under torchrun (2 ranks, gloo): SLIM on a tiny Llama whose decoder layers and root are sharded with FSDP2
 (``fully_shard``: base weights and adapter parameters become DTensor shards); 3 AdamW steps, each rank on its half of
-a global batch; writes the losses of both halves and the adapter gathered from the shards (rank 0)."""
+a global batch (argv[2]: JSON of further SlimConfig fields); writes the losses of both halves and the adapter gathered from the shards (rank 0)."""
 
 from __future__ import annotations
 
@@ -27,12 +27,12 @@ def global_batches() -> list[torch.Tensor]:
     return [torch.randint(3, 97, (4, 12), generator=g) for _ in range(STEPS)]
 
 
-def main(out: Path) -> None:
+def main(out: Path, extra: dict) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     torch.manual_seed(0)
     base = tiny_llama()
-    model = get_slim_model(base, SlimConfig(**CONFIG))
+    model = get_slim_model(base, SlimConfig(**CONFIG, **extra))
     for layer in base.model.layers:
         fully_shard(layer)
     fully_shard(base)
@@ -58,4 +58,4 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), json.loads(sys.argv[2]) if len(sys.argv) > 2 else {})

@@ -102,16 +102,20 @@ def test_fsdp_on_cpu_is_refused_instead_of_silently_running_ddp(setup, tmp_path)
     assert "FSDP needs GPUs" in proc.stderr and not out.exists()
 
 
-def test_fsdp2_sharded_base_and_adapter_train_like_one_process(tmp_path):
+@pytest.mark.parametrize("routing", ["default", "recommended"])
+def test_fsdp2_sharded_base_and_adapter_train_like_one_process(tmp_path, routing):
     """The adapter with sharded base weights: torch FSDP2 (``fully_shard``) on 2 CPU ranks, without the Trainer
-    (accelerate enables FSDP only on GPUs). Losses and the adapter gathered from the shards equal one process."""
+    (accelerate enables FSDP only on GPUs). Losses and the adapter gathered from the shards equal one process; with
+    the recommended routing too, whose scoring pass calls the sharded model from inside its own forward pre-hook."""
     import fsdp_worker as w
 
     from slimpeft import SlimConfig
+    from slimpeft.config import RECOMMENDED_ROUTING
     from slimpeft.model import get_slim_model
 
+    extra = RECOMMENDED_ROUTING if routing == "recommended" else {}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(Path(__file__).with_name("fsdp_worker.py")), str(tmp_path)],
+                           str(Path(__file__).with_name("fsdp_worker.py")), str(tmp_path), json.dumps(extra)],
                           capture_output=True, text=True, timeout=300, env=env_1thread(), cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads((tmp_path / "result.json").read_text())
@@ -119,7 +123,7 @@ def test_fsdp2_sharded_base_and_adapter_train_like_one_process(tmp_path):
     from conftest import tiny_llama
 
     torch.manual_seed(0)
-    model = get_slim_model(tiny_llama(), SlimConfig(**w.CONFIG))
+    model = get_slim_model(tiny_llama(), SlimConfig(**w.CONFIG, **extra))
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=w.LR)
     torch.manual_seed(1)

@@ -20,9 +20,10 @@ from .data.tasks import list_tasks
 from .report import compare_accuracy
 from .training import TrainArgs, load_base, load_run, train
 
-# The SLIM variant the demo runs: config.RECOMMENDED_ROUTING (sequence-pooled standardized score, carried maximum
-# across layers, strong yield), the variant that separated general from downstream inputs best
-# (`python -m slimpeft.bench separation`, BENCHMARKS.md). The per-token default is `slim train` with no --set.
+# The SLIM variant the demo runs: config.RECOMMENDED_ROUTING (a scoring pass through the frozen base, the
+# sequence-pooled standardized score, every layer routing on the maximum over all layers, strong yield): the variant
+# that kept the most general ability in the forgetting benchmark (BENCHMARKS.md section 4). The per-token default is
+# `slim train` with no --set.
 SLIM_DEMO = dict(RECOMMENDED_ROUTING)
 
 

@@ -37,6 +37,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
                                                "n_clusters": 64},
     "standardized causal max, carried max": {"ood_score": "standardized", "ood_pooling": "causal",
                                              "ood_source": "max"},
+    "standardized sequence max, scoring pass (recommended)": {"ood_score": "standardized", "ood_pooling": "sequence",
+                                                              "ood_source": "prepass"},
 }
 
 
