@@ -23,7 +23,7 @@ def test_full_plan_covers_every_method_setting_seed_and_ablation(tiny_base):
     full = fg.PROFILES["full"]
     specs = fg.plan(full, base)
     n_down = 3
-    per_method = 3 + 2 + n_down * 3  # LR grid (seed 0), seeds 1-2 at the chosen LR, SDS x 3 seeds
+    per_method = 3 * 3 + n_down * 3  # LR grid x 3 seeds (the lr is chosen on their mean), SDS x 3 seeds
     assert len(specs) == len(fg.METHODS) * per_method + len(fg.ABLATIONS) * 3
     assert len({s.key for s in specs}) == len(specs)  # every run has its own record file
     lora = next(s for s in specs if s.method == "lora")
@@ -42,7 +42,7 @@ def test_seeds_profile_runs_the_grid_three_seeds_and_each_ablation_once(tiny_bas
     base, _ = load_base(str(tiny_base))
     prof = fg.PROFILES["seeds"]
     specs = fg.plan(prof, base)
-    assert len(specs) == len(fg.METHODS) * (3 + 2) + len(fg.ABLATIONS)
+    assert len(specs) == len(fg.METHODS) * 3 * 3 + len(fg.ABLATIONS)  # every grid point on every seed
     assert {s.seed for s in specs if s.setting.startswith("ablation/")} == {0}
     quick = fg.PROFILES["quick"]
     assert (prof.steps, prof.limit) == (quick.steps, quick.limit)  # shares quick's records
@@ -58,6 +58,14 @@ def test_choose_lr_and_summary_statistics():
     records = [rec("lora", 1e-3, 0, 0.4, 0.9), rec("lora", 1e-2, 0, 0.6, 0.5), rec("lora", 1e-2, 1, 0.8, 0.7)]
     best = fg.choose_lr(records)
     assert best == {"lora": 1e-2}
+    # over seeds 0 and 1: only lrs run on both compete; the mean decides, not seed 0's luck
+    assert fg.choose_lr(records, seeds=(0, 1)) == {"lora": 1e-2}
+    lucky = records + [rec("lora", 1e-3, 1, 0.9, 0.9)]  # 1e-3: 0.4, 0.9 (mean 0.65) vs 1e-2: 0.6, 0.8 (0.7)
+    assert fg.choose_lr(lucky, seeds=(0, 1)) == {"lora": 1e-2}
+    lucky += [rec("lora", 1e-3, 2, 0.95, 0.9), rec("lora", 1e-2, 2, 0.5, 0.9)]
+    assert fg.choose_lr(lucky, seeds=(0, 1, 2)) == {"lora": 1e-3}  # 1e-3 wins on the 3-seed mean, loses on seed 0
+    tie = [rec("lora", 1e-2, 0, 0.5, 0.9), rec("lora", 1e-3, 0, 0.5, 0.9)]
+    assert fg.choose_lr(tie) == {"lora": 1e-3}  # ties: the lower lr
     ablation = [{**rec("lora", lr, 0, d, 0.5), "setting": "ablation/x"} for lr, d in ((1e-3, 0.1), (1e-2, 0.3))]
     groups = fg.summarize(records + ablation, best)["groups"]
     assert groups["lora|ablation/x"]["seeds"] == [0] and groups["lora|ablation/x"]["downstream_avg"]["mean"] == 0.3
