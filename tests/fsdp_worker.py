@@ -1,6 +1,7 @@
 """Run under torchrun (2 ranks, gloo): SLIM on a tiny Llama whose decoder layers and root are sharded with FSDP2
 (``fully_shard``: base weights and adapter parameters become DTensor shards); 3 AdamW steps, each rank on its half of
-a global batch (argv[2]: JSON of further SlimConfig fields); writes the losses of both halves and the adapter gathered from the shards (rank 0)."""
+a global batch (argv[2]: JSON of further SlimConfig fields); writes the losses of both halves and the adapter
+gathered from the shards (rank 0)."""
 
 from __future__ import annotations
 

@@ -215,14 +215,22 @@ def inspect(
     """Per-layer routing report: identity weight on general vs downstream inputs, expert load, OOD scores, AUROC."""
     from dataclasses import asdict
 
-    from .report import plot_routing, print_routing_table, print_task_routing_table, routing_by_task, routing_report
+    from .report import (
+        collect_by_task,
+        plot_routing,
+        print_routing_table,
+        print_task_routing_table,
+        routing_by_task,
+        routing_report,
+    )
     from .training import load_run
 
     _setup_logging()
     try:
         model, tok, _ = load_run(run_dir)
-        report = routing_report(model, tok, limit=limit)
-        by_task = routing_by_task(model, tok, limit=limit) if per_task else None
+        collected = collect_by_task(model, tok, limit=limit)  # one pass over the test inputs serves both reports
+        report = routing_report(model, tok, limit=limit, collected=collected)
+        by_task = routing_by_task(model, tok, limit=limit, collected=collected) if per_task else None
     except ValueError as e:
         _fail(str(e))
     print_routing_table(report)

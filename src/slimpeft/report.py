@@ -99,13 +99,6 @@ class LayerRouting:
     expert_load: list[float] = field(default_factory=list)
 
 
-def _texts(kind: str, limit: int, seed: int) -> list[str]:
-    out = []
-    for name in list_tasks(kind):
-        out += [format_training_text(ex) for ex in build_task(name, seed=seed).test[:limit]]
-    return out
-
-
 def _collect(model: Any, tokenizer: Any, texts: list[str], batch_size: int) -> dict[str, dict[str, torch.Tensor]]:
     acc: dict[str, dict[str, list[torch.Tensor]]] = {}
     for start in range(0, len(texts), batch_size):
@@ -127,13 +120,29 @@ def _collect(model: Any, tokenizer: Any, texts: list[str], batch_size: int) -> d
     return {name: {k: torch.cat(v) for k, v in a.items()} for name, a in acc.items()}
 
 
-def routing_report(model: Any, tokenizer: Any, *, limit: int = 100, seed: int = 0, batch_size: int = 32
-                   ) -> dict[str, LayerRouting]:
-    """Per-layer routing on held-out general vs downstream inputs (test items of the task suite)."""
+def collect_by_task(model: Any, tokenizer: Any, *, limit: int = 100, seed: int = 0, batch_size: int = 32
+                    ) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
+    """task -> adapted layer -> routing records over the task's first ``limit`` test items (one pass per task; both
+    reports below are computed from it)."""
     if not hasattr(model, "routing_records"):
         raise ValueError(f"{type(model).__name__} has no routing to report (plain LoRA/DoRA/full fine-tuning)")
-    g = _collect(model, tokenizer, _texts("general", limit, seed), batch_size)
-    d = _collect(model, tokenizer, _texts("downstream", limit, seed), batch_size)
+    return {n: _collect(model, tokenizer, [format_training_text(ex) for ex in build_task(n, seed=seed).test[:limit]],
+                        batch_size) for n in list_tasks("general") + list_tasks("downstream")}
+
+
+def _merge(per: dict[str, dict[str, dict[str, torch.Tensor]]], kind: str) -> dict[str, dict[str, torch.Tensor]]:
+    names = [n for n in list_tasks(kind) if n in per]
+    return {layer: {k: torch.cat([per[n][layer][k] for n in names]) for k in per[names[0]][layer]}
+            for layer in per[names[0]]}
+
+
+def routing_report(model: Any, tokenizer: Any, *, limit: int = 100, seed: int = 0, batch_size: int = 32,
+                   collected: dict[str, dict[str, dict[str, torch.Tensor]]] | None = None) -> dict[str, LayerRouting]:
+    """Per-layer routing on held-out general vs downstream inputs (test items of the task suite); ``collected``:
+    the output of :func:`collect_by_task`, when the caller has it already."""
+    per = collected if collected is not None else collect_by_task(model, tokenizer, limit=limit, seed=seed,
+                                                                  batch_size=batch_size)
+    g, d = _merge(per, "general"), _merge(per, "downstream")
     out = {}
     for name in g:
         G, D = g[name], d[name]
@@ -158,16 +167,14 @@ class TaskRouting:
     auroc_vs_downstream: float  # sequence-mean score of this task (positive) vs every downstream task's (negative)
 
 
-def routing_by_task(model: Any, tokenizer: Any, *, limit: int = 100, seed: int = 0, batch_size: int = 32
+def routing_by_task(model: Any, tokenizer: Any, *, limit: int = 100, seed: int = 0, batch_size: int = 32,
+                    collected: dict[str, dict[str, dict[str, torch.Tensor]]] | None = None
                     ) -> dict[str, dict[str, TaskRouting]]:
     """task -> adapted layer -> routing of that task's test inputs: which general tasks are told apart from the
     downstream data, in which layer, and how much identity weight they get (where a routed adapter still leaks)."""
-    if not hasattr(model, "routing_records"):
-        raise ValueError(f"{type(model).__name__} has no routing to report (plain LoRA/DoRA/full fine-tuning)")
-    per = {n: _collect(model, tokenizer, [format_training_text(ex) for ex in build_task(n, seed=seed).test[:limit]],
-                       batch_size) for n in list_tasks("general") + list_tasks("downstream")}
-    down = {layer: torch.cat([per[n][layer]["seq_u"] for n in list_tasks("downstream")])
-            for layer in per[list_tasks("downstream")[0]]}
+    per = collected if collected is not None else collect_by_task(model, tokenizer, limit=limit, seed=seed,
+                                                                  batch_size=batch_size)
+    down = {layer: r["seq_u"] for layer, r in _merge(per, "downstream").items()}
     return {n: {layer: TaskRouting(identity_weight=float(r["identity_weight"].mean()),
                                    flagged=float((r["d"] > 0).float().mean()),
                                    auroc_vs_downstream=auroc(r["seq_u"], down[layer]))
