@@ -42,7 +42,7 @@ def test_seeds_profile_runs_the_grid_three_seeds_and_each_ablation_once(tiny_bas
     base, _ = load_base(str(tiny_base))
     prof = fg.PROFILES["seeds"]
     specs = fg.plan(prof, base)
-    assert len(specs) == len(fg.METHODS) * 3 * 3 + len(fg.ABLATIONS)  # every grid point on every seed
+    assert len(specs) == len(fg.METHODS) * (3 + 2) + len(fg.ABLATIONS)  # lr grid on seed 0, seeds 1-2 at the chosen
     assert {s.seed for s in specs if s.setting.startswith("ablation/")} == {0}
     quick = fg.PROFILES["quick"]
     assert (prof.steps, prof.limit) == (quick.steps, quick.limit)  # shares quick's records
@@ -129,3 +129,29 @@ def test_cli_dry_run_lists_the_plan(tiny_base):
     assert len(lines) == len(fg.METHODS) + len(fg.PROFILES["quick"].ablations)
     bad = CliRunner().invoke(app, ["bench", "forgetting", "--profile", "huge", "--base", str(tiny_base)])
     assert bad.exit_code != 0 and "--profile 'huge': unknown" in bad.output
+
+
+def test_a_record_trained_on_another_split_than_it_is_tested_on_is_refused(tmp_path):
+    spec = fg.RunSpec("lora", "mds", 1, 5e-3, {"r": 4})
+    old = {"method": "lora", "setting": "mds", "seed": 1, "lr": 5e-3, "overrides": {"r": 4}}  # no split_seed
+    with pytest.raises(ValueError, match=r"lora__mds__seed1__lr0\.005\.json: trained on task split 1, tested on "
+                                         r"split 0"):
+        fg.stale_records([old], [spec], tmp_path)
+    fg.stale_records([{**old, "split_seed": 0}], [spec], tmp_path)  # trained on the tested split: reused
+    fg.stale_records([{**old, "seed": 0}], [fg.RunSpec("lora", "mds", 0, 5e-3, {"r": 4})], tmp_path)
+
+
+@pytest.mark.parametrize(("seed", "split_seed", "expected"), [(2, None, 2), (2, 0, 0), (0, 1, 1)])
+def test_train_draws_the_task_split_from_split_seed(monkeypatch, tmp_path, seed, split_seed, expected):
+    from slimpeft import training
+
+    seen = {}
+
+    def capture(data, seed):
+        seen["split"] = seed
+        raise KeyboardInterrupt  # stop before any model is built
+
+    monkeypatch.setattr(training, "training_examples", capture)
+    with pytest.raises(KeyboardInterrupt):
+        training.train(training.TrainArgs(out=str(tmp_path / "run"), seed=seed, split_seed=split_seed))
+    assert seen["split"] == expected and not (tmp_path / "run").exists()

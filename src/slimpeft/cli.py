@@ -112,6 +112,8 @@ def train(
     lr: Annotated[float, typer.Option(help="peak learning rate")] = 2e-3,
     max_length: Annotated[int, typer.Option(help="longest sequence in tokens")] = 128,
     seed: Annotated[int, typer.Option(help="seed")] = 0,
+    split_seed: Annotated[int | None, typer.Option(help="seed of the task splits (which facts are trained on); "
+                                                        "default: --seed")] = None,
     save_steps: Annotated[int, typer.Option(help="steps between checkpoints")] = 100,
     logging_steps: Annotated[int, typer.Option(help="steps between log lines (train_log.json)")] = 10,
     sync_check_steps: Annotated[int, typer.Option(help="under torchrun/accelerate: every N steps check that all "
@@ -132,7 +134,8 @@ def train(
 
     _setup_logging()
     args = TrainArgs(base=base, method=method, data=data, out=out, overrides=_parse_set(set_ or []), steps=steps,
-                     batch_size=batch_size, lr=lr, max_length=max_length, seed=seed, save_steps=save_steps,
+                     batch_size=batch_size, lr=lr, max_length=max_length, seed=seed, split_seed=split_seed,
+                     save_steps=save_steps,
                      logging_steps=logging_steps, sync_check_steps=sync_check_steps, resume=resume, progress=progress,
                      deepspeed=deepspeed, fsdp_config=fsdp_config)
     errs = args.validate()

@@ -68,6 +68,10 @@ class TrainArgs:
     max_length: int = field(default=128, metadata={"help": "longest training sequence; longer ones are cut, with "
                                                            "a warning that counts them"})
     seed: int = field(default=0, metadata={"help": "seed of initialisation, data order and task splits"})
+    split_seed: int | None = field(default=None, metadata={
+        "help": "seed of the task splits alone (which facts are trained on); None: --seed. Runs that differ only "
+                "in --seed and are scored on one fixed test split must share it (the benchmarks use 0, the split "
+                "they evaluate on), or each seed trains on other facts than the ones it is tested on"})
     save_steps: int = field(default=100, metadata={"help": "steps between checkpoints"})
     logging_steps: int = field(default=10, metadata={"help": "steps between log lines"})
     resume: bool = field(default=False, metadata={"help": "resume from the last complete checkpoint in RUN_DIR"})
@@ -454,7 +458,8 @@ def train(args: TrainArgs, callbacks: list | None = None) -> Path:
     errs = args.validate()
     if errs:
         raise ValueError("invalid training arguments:\n  " + "\n  ".join(errs))
-    examples, sizes = training_examples(args.data, seed=args.seed)  # bad data fails here, before anything is written
+    split_seed = args.seed if args.split_seed is None else args.split_seed
+    examples, sizes = training_examples(args.data, seed=split_seed)  # bad data fails here, before anything is written
     if Path(args.base).exists():  # eval/inspect must find the base from any working directory
         args.base = str(Path(args.base).resolve())
     torch.manual_seed(args.seed)
