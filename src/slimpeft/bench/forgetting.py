@@ -46,24 +46,10 @@ SLIM_BENCH: dict[str, Any] = dict(RECOMMENDED_ROUTING)
 
 # SLIM ablations: name -> overrides applied on top of SLIM_BENCH
 ABLATIONS: dict[str, dict[str, Any]] = {
+    # the paper-faithful routing (per-token raw distances, own layer, yield 1, fixed inference mask)
     "paper": {"ood_pooling": "token", "ood_score": "paper", "ood_source": "own", "yield_strength": 1.0,
               "spread_floor": 0.0, "inference_mask": "fixed"},
-    "token-calibrated": {"ood_pooling": "token", "ood_score": "calibrated", "ood_source": "own",
-                         "yield_strength": 1.0},
-    # the routing recommended before the scoring pass: the running maximum of the layers run so far (layer 0 sees
-    # only its own score), yield 8; and the same with yield 32 (what the scoring pass adds at an equal yield)
-    "carried-max": {"ood_source": "max", "yield_strength": 8.0},
-    "carried-max+yield-32": {"ood_source": "max"},
-    "own-layer-score": {"ood_source": "own"},
-    "causal": {"ood_pooling": "causal"},
-    "yield-8": {"yield_strength": 8.0},
-    "yield-128": {"yield_strength": 128.0},
-    "no-spread-floor": {"spread_floor": 0.0},
-    "inference-mask-fixed": {"inference_mask": "fixed"},
-    "threshold-1": {"threshold_std": 1.0},
-    # 20 % of the Jargon File test questions are flagged (their slang terms are far from every cluster): a higher
-    # threshold keeps them on the LoRA experts, at the risk of flagging fewer WordNet-definition inputs
-    "threshold-3": {"threshold_std": 3.0},
+    # the components issue 8 lists
     "no-identity": {"n_identity_experts": 0},
     "no-yield": {"yield_strength": 0.0},
     "no-mask": {"mask_mode": "none"},
@@ -75,6 +61,22 @@ ABLATIONS: dict[str, dict[str, Any]] = {
                                          "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]},
     "experts-4": {"n_lora_experts": 4, "r": 32},
     "experts-16": {"n_lora_experts": 16, "r": 8},
+    # the routing recommended before the scoring pass: the running maximum of the layers run so far (layer 0 sees
+    # only its own score), yield 8; and the same with yield 32 (what the scoring pass adds at an equal yield)
+    "carried-max": {"ood_source": "max", "yield_strength": 8.0},
+    "carried-max+yield-32": {"ood_source": "max"},
+    "yield-8": {"yield_strength": 8.0},
+    "yield-128": {"yield_strength": 128.0},
+    # 20 % of the Jargon File test questions are flagged (their slang terms are far from every cluster): a higher
+    # threshold keeps them on the LoRA experts, at the risk of flagging fewer WordNet-definition inputs
+    "threshold-3": {"threshold_std": 3.0},
+    "threshold-1": {"threshold_std": 1.0},
+    "own-layer-score": {"ood_source": "own"},
+    "causal": {"ood_pooling": "causal"},
+    "token-calibrated": {"ood_pooling": "token", "ood_score": "calibrated", "ood_source": "own",
+                         "yield_strength": 1.0},
+    "no-spread-floor": {"spread_floor": 0.0},
+    "inference-mask-fixed": {"inference_mask": "fixed"},
 }
 
 # The task split every run trains and is tested on, whatever its seed (the base was pretrained on split 0's
