@@ -397,3 +397,12 @@ def test_prepass_is_off_with_the_adapters_and_needs_pooling(ids):
     torch.testing.assert_close(out, tiny_llama()(input_ids=ids).logits)
     with pytest.raises(ValueError, match="'prepass' needs `ood_pooling`"):
         SlimConfig(ood_source="prepass", ood_pooling="token")
+    # one forward = two passes of the base model with identity experts, one without (nothing would use a score)
+    for n_identity, passes in ((2, 2), (0, 1)):
+        m = get_slim_model(tiny_llama(), SlimConfig(**{**PREPASS, "n_identity_experts": n_identity},
+                                                    ood_source="prepass"))
+        calls = []
+        m.base_model.register_forward_hook(lambda *a: calls.append(1))
+        with torch.no_grad():
+            m(input_ids=ids)
+        assert len(calls) == passes

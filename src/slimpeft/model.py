@@ -264,7 +264,9 @@ class SlimModel(AdaptedModel):
         if self.ctx.phase == "score":  # the scoring pass's own call of the base model: the context is set already
             return
         super()._capture_context(module, args, kwargs)
-        if self.slim_config.ood_source == "prepass" and not any(m.disabled for m in self.slim_layers().values()):
+        cfg = self.slim_config
+        if (cfg.ood_source == "prepass" and cfg.n_identity_experts > 0  # without identity experts no layer scores
+                and not any(m.disabled for m in self.slim_layers().values())):
             self._scoring_pass(module, args, kwargs)
 
     def _scoring_pass(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
