@@ -402,7 +402,7 @@ def test_prepass_is_off_with_the_adapters_and_needs_pooling(ids):
         m = get_slim_model(tiny_llama(), SlimConfig(**{**PREPASS, "n_identity_experts": n_identity},
                                                     ood_source="prepass"))
         calls = []
-        m.base_model.register_forward_hook(lambda *a: calls.append(1))
+        m.base_model.register_forward_hook(lambda *a, calls=calls: calls.append(1))
         with torch.no_grad():
             m(input_ids=ids)
         assert len(calls) == passes
