@@ -428,7 +428,7 @@ def run_benchmark(profile: str | Profile = "quick", base: str = "assets/base", o
         raise ValueError(f"{out}: holds records measured with {r.get('steps')} steps and {r.get('limit')} test items "
                          f"per task (profile {r.get('profile')!r}, e.g. {r['method']} {r['setting']}); profile "
                          f"{prof.name!r} uses {prof.steps} and {prof.limit}: choose another --out")
-    stale_records(existing, plan(prof, base_model, methods_), out)
+    stale_records(existing, plan(prof, base_model, methods_, choose_lr(existing, prof.search_seeds)), out)
     done = {(r["method"], r["setting"], r["seed"], r["lr"]) for r in existing}
     base_path = out / "base_general.json"
     if base_path.is_file():
