@@ -373,19 +373,17 @@ def test_prepass_generation_keeps_the_prompt_score(ids):
                                  max_new_tokens=3, min_new_tokens=3, pad_token_id=0)
     finally:
         model.ctx.record = False
-    layer = next(iter(model.slim_layers().values()))
-    recs, layer.records = layer.records, []
-    for other in model.slim_layers().values():
-        other.records = []
+    recs = next(iter(model.slim_layers().values())).records
+    for layer in model.slim_layers().values():
+        layer.records = []
     assert gen.shape == (2, ids.shape[1] + 3) and len(recs) == 3  # the prompt, then 2 KV-cache steps of one token
     prompt_d = recs[0]["d"].view(2, -1)[:, -1]
     for step in recs[1:]:
         torch.testing.assert_close(step["d"], prompt_d)
-    with pytest.raises(RuntimeError, match="without their prompt's score"):
-        model._prompt_score = None
-        with torch.no_grad():
-            pre = model.base_model(input_ids=ids[:1], use_cache=True)
-            model._prompt_score = None
+    with torch.no_grad():
+        pre = model.base_model(input_ids=ids[:1], use_cache=True)  # a prompt pass: its score is kept
+        model._prompt_score = None  # ... and forgotten, as with a cache built outside this model
+        with pytest.raises(RuntimeError, match="without their prompt's score"):
             model(input_ids=ids[:1, -1:], past_key_values=pre.past_key_values, use_cache=True)
 
 

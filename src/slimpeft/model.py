@@ -265,11 +265,13 @@ class SlimModel(AdaptedModel):
             return
         super()._capture_context(module, args, kwargs)
         cfg = self.slim_config
-        if (cfg.ood_source == "prepass" and cfg.n_identity_experts > 0  # without identity experts no layer scores
-                and not any(m.disabled for m in self.slim_layers().values())):
-            self._scoring_pass(module, args, kwargs)
+        if cfg.ood_source != "prepass" or cfg.n_identity_experts == 0:  # without identity experts no layer scores
+            return
+        layers = list(self.slim_layers().values())
+        if not any(layer.disabled for layer in layers):
+            self._scoring_pass(module, args, kwargs, layers)
 
-    def _scoring_pass(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def _scoring_pass(self, module: nn.Module, args: tuple, kwargs: dict, layers: list[SlimLinear]) -> None:
         """ood_source "prepass": run the frozen base over the inputs (adapters off, no gradient, no cache) so that
         every layer scores the base's hidden states, then let every layer route on the maximum over all layers.
         A KV-cache step (generation after the prompt) reuses the prompt's score: the new tokens are not rescored."""
@@ -294,9 +296,9 @@ class SlimModel(AdaptedModel):
         # the frozen base as it is at inference: dropout off; the SLIM layers keep their mode (in training they
         # fit their clusters on the base's hidden states during this pass)
         modes = [(m, m.training) for m in module.modules()]
-        layers = [(layer, layer.training) for layer in self.slim_layers().values()]
+        layer_modes = [(layer, layer.training) for layer in layers]
         module.eval()
-        for layer, mode in layers:
+        for layer, mode in layer_modes:
             layer.train(mode)
         ctx.phase, ctx.carried_score, ctx.carried_u = "score", None, None
         try:
