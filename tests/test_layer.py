@@ -12,7 +12,7 @@ from slimpeft import SlimConfig, SlimLinear
 from slimpeft.clustering import SlidingClusters
 from slimpeft.experts import LoraExperts
 from slimpeft.masking import apply_fast_masks, dare_delta, dare_mask, fast_drop_rates, fast_masks
-from slimpeft.router import apply_yielding, select
+from slimpeft.router import apply_yielding, lora_balance_loss, select
 
 
 def _experts(e=4, i=12, o=10, r=3, seed=0):
@@ -196,6 +196,60 @@ def test_far_tokens_get_more_identity_weight_and_more_with_yield():
     assert weights[16.0][0] - weights[0.0][0] < 0.15
 
 
+def test_identity_gate_yield_keeps_in_domain_tokens_off_identity_experts():
+    cfg = SlimConfig(r=2, n_lora_experts=4, n_identity_experts=2, top_k=2, n_clusters=4, mask_mode="none",
+                     yield_strength=16.0, identity_gate="yield")
+    layer = _standalone(cfg)
+    with torch.no_grad():
+        layer.router[4:] = 5.0 * torch.randn(2, 16, generator=torch.Generator().manual_seed(1))  # loud identity rows
+    g = torch.Generator().manual_seed(0)
+    layer.train()
+    for _ in range(30):
+        layer(torch.randn(64, 16, generator=g))
+    x_in = torch.randn(256, 16, generator=g)
+    x_far = torch.randn(256, 16, generator=g) * 0.5 + 4.0
+    layer.eval()
+    layer.ctx.record, layer.records = True, []
+    with torch.no_grad():
+        layer(torch.cat([x_in, x_far]))
+    rec = layer.records[-1]
+    flagged = rec["d"] > 0
+    assert flagged[256:].float().mean() > 0.95  # far tokens are flagged ...
+    assert (rec["identity_weight"][~flagged] == 0).all()  # ... unflagged tokens never take an identity slot
+    assert (rec["identity_weight"][flagged] > 0.99).all()  # flagged ones go to the identity experts by the yield
+    layer.config.identity_gate = "router"  # the paper's gate: the identity router rows take in-domain tokens too
+    assert _identity_weight(layer, x_in) > 0.3
+    # training: the identity router rows get no gradient under the yield gate
+    layer.config.identity_gate = "yield"
+    layer.train()
+    with torch.no_grad():
+        layer.experts.lora_B.normal_()  # B = 0 would give the router no gradient at all
+    layer.router.grad = None
+    layer(x_in).sum().backward()
+    assert layer.router.grad[4:].abs().sum() == 0 and layer.router.grad[:4].abs().sum() > 0
+
+
+def test_router_lr_scale_keeps_initial_logits_and_scales_adam_steps():
+    x = torch.randn(4, 6, 16, generator=torch.Generator().manual_seed(3))
+    deltas, initial = [], []
+    for scale in (1.0, 0.1):
+        layer = _standalone(SlimConfig(r=2, n_lora_experts=4, n_identity_experts=2, mask_mode="none",
+                                       router_lr_scale=scale))
+        with torch.no_grad():
+            layer.experts.lora_B.normal_(generator=torch.Generator().manual_seed(4))
+        layer.train()
+        before = layer.router_weight().detach().clone()
+        initial.append(before)
+        opt = torch.optim.Adam([layer.router], lr=1e-2)
+        layer(x).square().sum().backward()
+        opt.step()
+        deltas.append(layer.router_weight().detach() - before)
+    torch.testing.assert_close(initial[0], initial[1])  # the same logits at step 0
+    moved = deltas[0].abs() > 1e-4  # entries with a gradient (Adam's first step moves them by lr)
+    assert moved.float().mean() > 0.5
+    torch.testing.assert_close(deltas[1][moved], 0.1 * deltas[0][moved], rtol=1e-2, atol=1e-6)
+
+
 def test_first_training_step_gives_lora_experts_a_gradient():
     """No dead start: on in-domain data at step 0, LoRA experts are selected and receive gradient."""
     cfg = SlimConfig(r=2, n_lora_experts=4, n_identity_experts=2, top_k=2, yield_strength=4.0)
@@ -244,6 +298,38 @@ def test_l1_penalty_matches_formula():
         ex.lora_B.fill_(-2.0)
     # per expert: ||B||_1 / (r o) = 2, ||A||_1 / (r i) = 0.5
     assert ex.l1_penalty().item() == pytest.approx(2 * (2.0 + 0.5))
+
+
+def test_lora_balance_loss_counts_lora_experts_only():
+    # 2 LoRA experts + 1 identity: slots (0, id), (1, 0) -> LoRA shares f = (2/3, 1/3); P from a softmax over the two
+    # LoRA logits only (the identity logit 5 is left out): P = ((sigmoid(1) + 1/2) / 2, 1 - that)
+    logits = torch.tensor([[1.0, 0.0, 5.0], [0.0, 0.0, 5.0]])
+    idx = torch.tensor([[0, 2], [1, 0]])
+    w = torch.tensor([[0.6, 0.4], [0.5, 0.5]])
+    p0 = (1 / (1 + math.exp(-1.0)) + 0.5) / 2
+    assert lora_balance_loss(logits, idx, w, n_lora=2).item() == pytest.approx(2 * (2 / 3 * p0 + 1 / 3 * (1 - p0)))
+    # padding is left out: only the first token counts (f = (1, 0), P = (sigmoid(1), ...))
+    valid = torch.tensor([True, False])
+    expected = 2 * (1 / (1 + math.exp(-1.0)))
+    assert lora_balance_loss(logits, idx, w, n_lora=2, valid=valid).item() == pytest.approx(expected)
+
+
+def test_balance_coef_adds_a_training_loss_and_nothing_in_eval():
+    cfg = SlimConfig(n_lora_experts=4, n_identity_experts=2, r=2, balance_coef=0.5, yield_strength=0.0)
+    layer = SlimLinear(nn.Linear(8, 6), cfg, "x")
+    x = torch.randn(3, 5, 8, generator=torch.Generator().manual_seed(0))
+    layer(x)
+    (loss,) = layer.ctx.aux_losses
+    logits = x.reshape(-1, 8) @ layer.router_weight().detach().T  # no yielding: the router alone
+    w, idx, _ = select(logits, "top_k", top_k=2)
+    assert loss.item() == pytest.approx(0.5 * lora_balance_loss(logits, idx, w, n_lora=4).item(), rel=1e-5)
+    loss.backward()
+    assert layer.router.grad[:4].abs().sum() > 0 and layer.router.grad[4:].abs().sum() == 0
+    layer.ctx.reset(None)
+    layer.eval()
+    with torch.no_grad():
+        layer(x)
+    assert layer.ctx.aux_losses == []
 
 
 @pytest.mark.parametrize("pooling", ["sequence", "causal"])

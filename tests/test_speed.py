@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -44,7 +46,7 @@ def _reference_eval(layer: SlimLinear, x: torch.Tensor) -> torch.Tensor:
     out = torch.empty(x.shape[0], layer.d_out)
     for t in range(x.shape[0]):
         xt = x[t]
-        logits = layer.router.detach() @ xt  # (E,)
+        logits = layer.router_weight().detach() @ xt  # (E,)
         if cfg.n_identity_experts and bool(cl.initialized):
             k = int(((xt - cl.centers) ** 2).sum(-1).argmin())
             z = (xt - cl.centers[k]).abs() * inv_sd[k]
@@ -55,7 +57,12 @@ def _reference_eval(layer: SlimLinear, x: torch.Tensor) -> torch.Tensor:
                 d = (agg - tau[k]).clamp_min(0.0)
             else:
                 d = ((agg - cl.agg_mean[k]) / cl.agg_sd()[k] - cfg.threshold_std).clamp_min(0.0)
-            logits[cfg.n_lora_experts:] += cfg.yield_strength * d
+            if cfg.identity_gate == "yield":  # identity experts only where the yield is positive
+                logits[cfg.n_lora_experts:] = cfg.yield_strength * d if cfg.yield_strength * d > 0 else -math.inf
+            else:
+                logits[cfg.n_lora_experts:] += cfg.yield_strength * d
+        elif cfg.n_identity_experts and cfg.identity_gate == "yield":
+            logits[cfg.n_lora_experts:] = -math.inf
         top = logits.topk(cfg.top_k)
         w = top.values.softmax(-1)
         y = layer.base_layer(xt)
@@ -82,6 +89,10 @@ FAST_VARIANTS = [
     {"ood_pooling": "causal", "ood_score": "standardized", "ood_source": "first"},
     {"ood_pooling": "sequence", "ood_score": "calibrated"},
     {"ood_source": "max", "distance": "rms"},
+    {"identity_gate": "yield"},
+    {"router_lr_scale": 0.1},
+    {"identity_gate": "yield", "yield_strength": 0.0},
+    {"identity_gate": "yield", "ood_pooling": "sequence", "ood_score": "standardized", "ood_source": "max"},
 ]
 
 

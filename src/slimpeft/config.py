@@ -37,6 +37,7 @@ InferenceMask = Literal["fixed", "none"]
 OodScore = Literal["paper", "calibrated", "standardized"]
 OodPooling = Literal["token", "sequence", "causal"]
 OodSource = Literal["own", "first", "max", "prepass"]
+IdentityGate = Literal["router", "yield"]
 
 
 # The routing this project measured to tell general from downstream inputs apart best on its shipped base
@@ -117,6 +118,14 @@ class SlimConfig:
         default=1.0,
         metadata={"help": "gamma of weight yielding: identity logits are raised by gamma * d(x) before top-K."},
     )
+    identity_gate: IdentityGate = field(
+        default="router",
+        metadata={"help": "How identity experts enter the top-K. 'router' (paper): their router logits plus "
+                  "gamma * d(x), so in-domain tokens may take an identity slot too (which halves their adapter "
+                  "weight). 'yield': their logit is gamma * d(x) where that is > 0 and -inf elsewhere (the router's "
+                  "identity rows are not used): in-domain tokens always route to LoRA experts, out-of-domain ones "
+                  "to the identity experts by the yield alone."},
+    )
     mask_rate: float = field(default=0.2, metadata={"help": "DARE drop rate p of dynamic merging, in [0, 1)."})
     mask_mode: MaskMode = field(
         default="fast",
@@ -135,9 +144,23 @@ class SlimConfig:
     l1_weight: float = field(
         default=1e-3, metadata={"help": "lambda of the size-normalised L1 penalty on A and B, added in training."}
     )
+    balance_coef: float = field(
+        default=0.0,
+        metadata={"help": "c of a load-balance loss c * N * sum_i f_i P_i among the LoRA experts (identity slots "
+                  "excluded), added in training as MixLoRA's. 0 = off (the paper names none)."},
+    )
     router_init_std: float = field(
         default=0.02,
         metadata={"help": "Std of the router's random init: small, non-zero, so no dead start of the experts."},
+    )
+    router_lr_scale: float = field(
+        default=1.0,
+        metadata={"help": "Learning-rate multiplier of the router, built into its parameterization so that it holds "
+                  "with any trainer and optimizer: the stored router V gives logits router_lr_scale * V x (V starts "
+                  "at router_init_std / router_lr_scale, so the initial logits are unchanged). Under Adam-type "
+                  "optimizers (per-parameter normalised steps) V moves as fast as before, so the logits move "
+                  "router_lr_scale times as fast; under plain SGD the factor is router_lr_scale squared. 1 = the "
+                  "paper's plain router."},
     )
     seed: int = field(default=0, metadata={"help": "Seed of adapter initialisation and of the fixed inference masks."})
 
@@ -181,7 +204,8 @@ class SlimConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not (lo <= v < hi if hi_open else v <= hi):
                 errs.append(f"`{name}`={v!r} must lie in [{lo}, {hi})")
-        for name in ("alpha", "yield_strength", "l1_weight", "router_init_std", "threshold_std", "spread_floor"):
+        for name in ("alpha", "yield_strength", "l1_weight", "balance_coef", "router_init_std",
+                     "threshold_std", "spread_floor"):
             v = getattr(self, name)
             try:
                 ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v)) and v >= 0
@@ -189,6 +213,9 @@ class SlimConfig:
                 ok = False
             if not ok:
                 errs.append(f"`{name}`={v!r} must be a finite number >= 0")
+        v = self.router_lr_scale
+        if not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf):
+            errs.append(f"`router_lr_scale`={v!r} must be a finite number > 0")
         if self.ood_source == "prepass" and self.ood_pooling == "token":
             errs.append("`ood_source`='prepass' needs `ood_pooling` 'sequence' or 'causal' (tokens generated with a "
                         "KV cache keep the prompt's score; a per-token score would need the base model's own cache)")

@@ -24,7 +24,7 @@ from .clustering import SlidingClusters
 from .config import SlimConfig
 from .experts import LoraExperts, auto_dispatch, gated_mix, stack_B
 from .masking import apply_fast_masks, dare_delta, dare_mask, fast_masks
-from .router import route
+from .router import lora_balance_loss, route
 
 
 @dataclass
@@ -119,8 +119,8 @@ class EvalWeights:
 _FAST_EVAL_FIELDS = frozenset({
     "r", "alpha", "n_lora_experts", "n_identity_experts", "top_k", "target_modules", "n_clusters",
     "cluster_momentum", "distance", "ood_score", "threshold_std", "ood_pooling", "ood_source", "yield_strength",
-    "mask_rate", "mask_mode", "mask_rescale", "inference_mask", "l1_weight", "router_init_std", "seed",
-    "spread_floor",
+    "identity_gate", "mask_rate", "mask_mode", "mask_rescale", "inference_mask", "l1_weight", "balance_coef",
+    "router_init_std", "router_lr_scale", "seed", "spread_floor",
 })
 
 
@@ -141,8 +141,10 @@ class SlimLinear(nn.Module):
         self.mask_seed = layer_seed(config.seed, name)
         g = torch.Generator().manual_seed(self.mask_seed)
         self.experts = LoraExperts(config.n_lora_experts, self.d_in, self.d_out, config.r, config.alpha, generator=g)
-        # small random router init: a zero router would let identity experts win the top-K at step 0 on ties
-        self.router = nn.Parameter(torch.randn(config.n_experts, self.d_in, generator=g) * config.router_init_std)
+        # small random router init: a zero router would let identity experts win the top-K at step 0 on ties. Stored
+        # as V with logits router_lr_scale * V x (config.router_lr_scale): the initial logits do not depend on it
+        self.router = nn.Parameter(torch.randn(config.n_experts, self.d_in, generator=g)
+                                   * (config.router_init_std / config.router_lr_scale))
         self.clusters = SlidingClusters(self.d_in, config, seed=self.mask_seed)
         self.ctx = RoutingContext()
         self.disabled = False
@@ -170,8 +172,11 @@ class SlimLinear(nn.Module):
             return self._eval_forward(xf, result.reshape(-1, self.d_out), lead).view(*lead, self.d_out)
         valid = valid_token_mask(self.ctx.attention_mask, lead)  # (n,) bool or None
         d = self._ood_score(xf, lead, valid)  # (n,) float32 or None
-        ro = route(xf, self.router, "top_k", top_k=cfg.top_k, d=d, n_lora=cfg.n_lora_experts,
-                   yield_strength=cfg.yield_strength)
+        ro = route(xf, self.router_weight(), "top_k", top_k=cfg.top_k, d=d, n_lora=cfg.n_lora_experts,
+                   yield_strength=cfg.yield_strength, identity_gate=cfg.identity_gate)
+        if self.training and cfg.balance_coef > 0.0 and torch.is_grad_enabled():
+            self.ctx.aux_losses.append(cfg.balance_coef * lora_balance_loss(ro.logits, ro.indices, ro.weights,
+                                                                            cfg.n_lora_experts, valid))
         A, B, delta = self._masked_weights()
         y = self.experts(xf, ro.weights, ro.indices, A=A, B=B, delta=delta,
                          base=result.reshape(-1, self.d_out))  # (n, o) = base + delta
@@ -181,6 +186,11 @@ class SlimLinear(nn.Module):
 
     def l1_penalty(self) -> torch.Tensor:
         return self.experts.l1_penalty()
+
+    def router_weight(self) -> torch.Tensor:
+        """(E, i) the effective router: router_lr_scale * the stored parameter."""
+        s = self.config.router_lr_scale
+        return self.router if s == 1.0 else self.router * s
 
     # ------------------------------------------------------------------------------------------ eval fast path
     def _fast_eval(self) -> bool:
@@ -207,15 +217,21 @@ class SlimLinear(nn.Module):
             z = (x - g[:, :i]).abs_().mul_(g[:, i : 2 * i])  # (n, i) per-channel z-scores
             return k, self.clusters.aggregate(z), g
 
-        if cfg.n_identity_experts and cfg.yield_strength != 0.0:  # weight yielding: identity logits += gamma d(x)
+        bump = None  # (n,) gamma d(x): the yield of each token's identity logits
+        if cfg.n_identity_experts and cfg.yield_strength != 0.0:
             if cfg.ood_pooling == "token" and cfg.ood_source == "own":
                 if c:  # clusters fitted (else d = 0)
                     _, agg, g = assign()
-                    logits[:, n_lora:] += (agg * g[:, 2 * i] - g[:, 2 * i + 1]).clamp_min_(0.0)[:, None]
+                    bump = (agg * g[:, 2 * i] - g[:, 2 * i + 1]).clamp_min_(0.0)  # the table carries gamma
             else:
                 valid = valid_token_mask(self.ctx.attention_mask, lead)
-                d = self._ood_score(xf, lead, valid, assign=lambda: assign()[:2])  # (n,)
-                logits[:, n_lora:] += cfg.yield_strength * d[:, None]
+                bump = cfg.yield_strength * self._ood_score(xf, lead, valid, assign=lambda: assign()[:2])
+        if cfg.n_identity_experts and cfg.identity_gate == "yield":  # identity only where gamma d > 0
+            ident = logits.new_full((logits.shape[0],), float("-inf")) if bump is None else \
+                torch.where(bump > 0, bump, float("-inf"))
+            logits[:, n_lora:] = ident[:, None]
+        elif bump is not None:
+            logits[:, n_lora:] += bump[:, None]
         vals, idx = logits.topk(cfg.top_k, dim=-1)  # (n, k)
         w = vals.softmax(-1)
         if auto_dispatch(cfg.top_k, n_lora, x.device) == "dense":
@@ -227,7 +243,7 @@ class SlimLinear(nn.Module):
         cfg, ex, cl = self.config, self.experts, self.clusters
         sources = (ex.lora_A, ex.lora_B, self.router, cl.centers, cl.variances, cl.agg_mean, cl.agg_var,
                    cl.initialized)
-        key = (cfg.mask_mode, cfg.mask_rate, cfg.mask_rescale, cfg.inference_mask, cfg.distance, cfg.ood_score,
+        key = (cfg.router_lr_scale, cfg.mask_mode, cfg.mask_rate, cfg.mask_rescale, cfg.inference_mask, cfg.distance, cfg.ood_score,
                cfg.threshold_std, cfg.spread_floor, cfg.yield_strength, cfg.ood_source,
                *((id(t), t._version, t.data_ptr()) for t in sources))
         if self._eval_cache is not None and self._eval_cache[0] == key:
@@ -240,7 +256,7 @@ class SlimLinear(nn.Module):
             scores = (cfg.n_identity_experts > 0 and cfg.yield_strength != 0.0 and cfg.ood_source != "prepass"
                       and self._clusters_initialized())  # prepass: the score comes from the scoring pass
             centers = cl.centers.float() if scores else A.new_zeros(0, i)
-            W = torch.cat([centers, self.router.detach().float(), A.reshape(e * r, i)])  # (c + E + e*r, i)
+            W = torch.cat([centers, self.router_weight().detach().float(), A.reshape(e * r, i)])  # (c + E + e*r, i)
             bias = torch.zeros(W.shape[0], device=W.device)
             bias[: centers.shape[0]] = -0.5 * (centers * centers).sum(-1)
             table = None

@@ -9,6 +9,9 @@ Selections (all return routing weights per kept expert and the expert ids, (n, k
   (that expert included), no renormalisation (MixLoRA-Dy); dropped slots carry weight 0;
 * ``dense``  -- softmax over all experts, every expert kept (LoRAMoE).
 
+Top-k over logits of which some are -inf (identity experts of an in-domain token under ``identity_gate="yield"``)
+gives those slots weight 0 as long as one kept logit is finite.
+
 Weight yielding (SLIM, METHOD.md section 5): identity-expert logits are raised by ``gamma * d(x)`` before the
 selection, so LoRA experts yield weight to identity experts as the out-of-domain score d grows. Routers have no
 bias and compute in float32.
@@ -33,12 +36,23 @@ class RouterOutput:
     indices: torch.Tensor  # (n, k) long
     probs: torch.Tensor | None  # (n, e) float32 softmax over all experts (after yielding); None when not needed
     aux_loss: torch.Tensor  # () float32, zero when no auxiliary loss applies
+    logits: torch.Tensor | None = None  # (n, e) float32 router logits after yielding
     aux_parts: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def apply_yielding(logits: torch.Tensor, d: torch.Tensor | None, n_lora: int, strength: float) -> torch.Tensor:
-    """z'_i = z_i + gamma * d for identity experts (ids >= n_lora); LoRA logits unchanged. (n, e) -> (n, e)."""
-    if d is None or strength == 0.0 or logits.shape[-1] == n_lora:
+def apply_yielding(logits: torch.Tensor, d: torch.Tensor | None, n_lora: int, strength: float,
+                   identity_gate: str = "router") -> torch.Tensor:
+    """Weight yielding on the identity experts (ids >= n_lora); LoRA logits unchanged. (n, e) -> (n, e).
+
+    ``identity_gate`` 'router' (paper): z'_i = z_i + gamma d. 'yield': z'_i = gamma d where gamma d > 0, -inf
+    elsewhere (the router's identity rows are not used): in-domain tokens never take an identity slot."""
+    if logits.shape[-1] == n_lora:
+        return logits
+    if identity_gate == "yield":
+        bump = logits.new_zeros(logits.shape[0]) if d is None else strength * d.to(logits.dtype)  # (n,)
+        ident = torch.where(bump > 0, bump, torch.full_like(bump, float("-inf")))  # (n,)
+        return torch.cat([logits[:, :n_lora], ident[:, None].expand(-1, logits.shape[-1] - n_lora)], dim=1)
+    if d is None or strength == 0.0:
         return logits
     bump = torch.zeros_like(logits)
     bump[:, n_lora:] = strength * d.to(logits.dtype)[:, None]
@@ -93,13 +107,14 @@ def route(
     d: torch.Tensor | None = None,
     n_lora: int | None = None,
     yield_strength: float = 0.0,
+    identity_gate: str = "router",
     balance_coef: float = 0.0,
     valid: torch.Tensor | None = None,
 ) -> RouterOutput:
     """Router logits (float32, no bias) -> yielding -> selection -> auxiliary loss. x (n, i), router (e, i)."""
     logits = F.linear(x.float(), router_weight.float())  # (n, e)
     if n_lora is not None:
-        logits = apply_yielding(logits, d, n_lora, yield_strength)
+        logits = apply_yielding(logits, d, n_lora, yield_strength, identity_gate)
     weights, idx, probs = select(logits, how, top_k=top_k, top_p=top_p, need_probs=balance_coef > 0.0)
     parts: dict[str, torch.Tensor] = {}
     aux = logits.new_zeros(())
@@ -107,4 +122,16 @@ def route(
         lb = load_balance_loss(probs, idx, weights, logits.shape[-1], valid)
         parts["load_balance"] = lb.detach()
         aux = aux + balance_coef * lb
-    return RouterOutput(weights=weights, indices=idx, probs=probs, aux_loss=aux, aux_parts=parts)
+    return RouterOutput(weights=weights, indices=idx, probs=probs, aux_loss=aux, logits=logits, aux_parts=parts)
+
+
+def lora_balance_loss(logits: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, n_lora: int,
+                      valid: torch.Tensor | None = None) -> torch.Tensor:
+    """The balance loss N * sum_i f_i P_i among the LoRA experts only (ids < n_lora), unweighted: P_i from a
+    softmax over the LoRA logits, f_i the share of the slots routed to a LoRA expert that go to i. Identity slots
+    count for neither side: how much goes to the identity experts is the yielding's business, which a balance over
+    all experts would fight (it would push in-domain tokens to the identity experts). logits (n, e), indices and
+    weights (n, k) -> ()."""
+    keep = (indices < n_lora) & (weights > 0)  # (n, k) LoRA slots
+    return load_balance_loss(logits[:, :n_lora].softmax(-1), torch.where(keep, indices, 0),
+                             weights * keep, n_lora, valid)

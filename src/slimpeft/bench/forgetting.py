@@ -61,6 +61,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
                                          "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]},
     "experts-4": {"n_lora_experts": 4, "r": 32},
     "experts-16": {"n_lora_experts": 16, "r": 8},
+    "no-l1": {"l1_weight": 0.0},
     # the routing recommended before the scoring pass: the running maximum of the layers run so far (layer 0 sees
     # only its own score), yield 8; and the same with yield 32 (what the scoring pass adds at an equal yield)
     "carried-max": {"ood_source": "max", "yield_strength": 8.0},
