@@ -243,8 +243,8 @@ class SlimLinear(nn.Module):
         cfg, ex, cl = self.config, self.experts, self.clusters
         sources = (ex.lora_A, ex.lora_B, self.router, cl.centers, cl.variances, cl.agg_mean, cl.agg_var,
                    cl.initialized)
-        key = (cfg.router_lr_scale, cfg.mask_mode, cfg.mask_rate, cfg.mask_rescale, cfg.inference_mask, cfg.distance, cfg.ood_score,
-               cfg.threshold_std, cfg.spread_floor, cfg.yield_strength, cfg.ood_source,
+        key = (cfg.router_lr_scale, cfg.mask_mode, cfg.mask_rate, cfg.mask_rescale, cfg.inference_mask, cfg.distance,
+               cfg.ood_score, cfg.threshold_std, cfg.spread_floor, cfg.yield_strength, cfg.ood_source,
                *((id(t), t._version, t.data_ptr()) for t in sources))
         if self._eval_cache is not None and self._eval_cache[0] == key:
             return self._eval_cache[1]
