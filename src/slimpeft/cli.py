@@ -9,6 +9,7 @@
     slim bench speed [--quick] [--json]                  layer, masking, training and generation speed vs LoRA
     slim bench forgetting --profile quick|pareto|seeds|full   learning vs forgetting of every method
     slim bench encoder --profile quick|full              the same on a real encoder (all-MiniLM-L6-v2)
+    slim bench learning [--variants a,b]                 training loss of SLIM variants vs LoRA and MixLoRA
 """
 
 from __future__ import annotations
@@ -308,6 +309,27 @@ def bench_forgetting(
     try:
         out = out or ("results/forgetting-full" if profile == "full" else "results/forgetting")
         run_benchmark(profile, base=base, out=out, methods_=chosen, dry_run=dry_run, log=typer.echo)
+    except ValueError as e:
+        _fail(str(e))
+
+
+@bench_app.command("learning")
+def bench_learning(
+    variants: Annotated[str, typer.Option(help="comma-separated variants (default: all; see "
+                                               "slimpeft.bench.learning.VARIANTS)")] = "",
+    steps: Annotated[int, typer.Option(help="optimizer steps per run")] = 250,
+    lr: Annotated[float, typer.Option(help="learning rate of every run")] = 5e-3,
+    seed: Annotated[int, typer.Option(help="training seed")] = 0,
+    base: Annotated[str, typer.Option(help="base model folder")] = "assets/base",
+    out: Annotated[str, typer.Option(help="results folder (learning.json, learning.png)")] = "results/learning",
+) -> None:
+    """Training loss of SLIM variants next to LoRA and MixLoRA: where SLIM's learning goes (~2.5 min a variant)."""
+    from .bench.learning import run
+
+    _setup_logging()
+    try:
+        run([v.strip() for v in variants.split(",") if v.strip()] or None, base=base, steps=steps, lr=lr, seed=seed,
+            out=out, log=typer.echo)
     except ValueError as e:
         _fail(str(e))
 
