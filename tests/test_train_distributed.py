@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS = 4
 # measured: 2 ranks vs 1 process differ by <= 5e-7 in the loss and the adapter (float32 sums in another order)
 ATOL = 1e-5
+ADAM_ATOL = 1e-4  # adapter weights after a few AdamW steps (see the FSDP2 test)
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +136,9 @@ def test_fsdp2_sharded_base_and_adapter_train_like_one_process(tmp_path, routing
         assert result["losses"][step] == pytest.approx(float(loss), abs=ATOL), step
     got, ref = load_file(tmp_path / "adapter.safetensors"), model.adapter_state_dict()
     assert got.keys() == ref.keys()
+    # AdamW divides by sqrt(v): an entry with a near-zero gradient moves by up to lr (1e-2) per step whatever the
+    # gradient's size, so the sharded reductions' rounding shows up to ~2e-5 after 3 steps (measured with the
+    # recommended routing); a real divergence (a missed reduction, another routing) moves entries by ~lr
     for k in ref:
-        torch.testing.assert_close(got[k], ref[k], rtol=0, atol=ATOL, msg=k)
+        torch.testing.assert_close(got[k], ref[k], rtol=0, atol=ADAM_ATOL, msg=k)
     assert max(float(v.abs().max()) for k, v in got.items() if k.endswith("lora_B")) > 1e-3
