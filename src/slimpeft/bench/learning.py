@@ -39,6 +39,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "slim/threshold-2": ("slim", {"threshold_std": 2.0}),
     "slim/router-lr-1": ("slim", {"router_lr_scale": 1.0}),
     "slim/no-yield": ("slim", {"yield_strength": 0.0}),
+    "slim/identity-gate-yield": ("slim", {"identity_gate": "yield"}),
     "slim/no-mask": ("slim", {"mask_mode": "none"}),
     "slim/no-identity": ("slim", {"n_identity_experts": 0}),
     "slim/no-identity+no-mask": ("slim", {"n_identity_experts": 0, "mask_mode": "none"}),
