@@ -44,9 +44,9 @@ IdentityGate = Literal["router", "yield"]
 # learn the downstream data (BENCHMARKS.md sections 2 and 4): a scoring pass through the frozen base first, each
 # layer's standardized score pooled over the sequence, every layer routing on the maximum over all layers, and a
 # yield strong enough to send a flagged sequence to the identity experts outright. Threshold 3 (not 2): the routed
-# score is a maximum over every adapted layer, and 2 in-domain spreads per layer flagged 22 % of the training
-# sequences (which then teach the adapters nothing) where 3 flags ~5 %. Router learning rate x 0.1: a router as
-# fast as the experts reshuffles the top-2 every step (training loss 4.19 vs 3.65 with x 0.1, no identity experts).
+# score is a maximum over every adapted layer, and 2 in-domain spreads per layer flagged 19 % of the training
+# sequences (which then teach the adapters nothing) where 3 flags 5 %. Router learning rate x 0.1: a router as
+# fast as the experts reshuffles the top-2 every step (final training loss 4.45 -> 4.03; `slim bench learning`).
 # `SlimConfig(**RECOMMENDED_ROUTING)`; `make demo` and `slim bench forgetting` use it. The defaults stay the paper's.
 RECOMMENDED_ROUTING: dict[str, Any] = {"ood_pooling": "sequence", "ood_score": "standardized",
                                       "ood_source": "prepass", "yield_strength": 32.0, "threshold_std": 3.0,
