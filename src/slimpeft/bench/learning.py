@@ -62,12 +62,12 @@ def flagged_share(model: Any, tokenizer: Any, examples: Sequence[Any], batch_siz
     adapted layer, in eval mode; None for a model without yielding."""
     import torch
 
-    from ..training import PadCollator, SupervisedDataset
+    from ..training import PadCollator, SupervisedDataset, TrainArgs
 
     cfg = getattr(model, "slim_config", None)
     if cfg is None or cfg.n_identity_experts == 0 or cfg.yield_strength == 0:
         return None
-    ds = SupervisedDataset(list(examples), tokenizer, 512)
+    ds = SupervisedDataset(list(examples), tokenizer, TrainArgs.max_length)  # the sequences training saw
     collate = PadCollator(tokenizer.pad_token_id)
     flags = []
     for start in range(0, len(ds), batch_size):
