@@ -82,25 +82,18 @@ def flagged_share(model: Any, tokenizer: Any, examples: Sequence[Any], batch_siz
     return float(torch.cat(flags).float().mean())
 
 
-def run_variant(name: str, *, base: str, steps: int, lr: float, seed: int, work: Path) -> dict[str, Any]:
-    from transformers import TrainerCallback
-
-    from ..training import TrainArgs, load_base, load_run, train, training_examples
-
-    method, overrides = variant_config(name, load_base(base)[0])
-    losses: list[tuple[int, float]] = []
-
-    class _Losses(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001, ARG002 (Trainer signature)
-            if logs and "loss" in logs:
-                losses.append((state.global_step, float(logs["loss"])))
+def run_variant(name: str, method: str, overrides: dict[str, Any], *, base: str, steps: int, lr: float, seed: int,
+                work: Path) -> dict[str, Any]:
+    from ..training import TrainArgs, load_run, train, training_examples
 
     run_dir = work / name.replace("/", "-")
     t0 = time.perf_counter()
     train(TrainArgs(base=base, method=method, data="downstream", out=str(run_dir), steps=steps, lr=lr, seed=seed,
                     split_seed=SPLIT_SEED, overrides=overrides, save_steps=steps, logging_steps=min(10, steps),
-                    progress=False), callbacks=[_Losses()])
+                    progress=False))
     seconds = time.perf_counter() - t0
+    history = json.loads((run_dir / "train_log.json").read_text())  # the Trainer's log history, written by train()
+    losses = [(h["step"], float(h["loss"])) for h in history if "loss" in h]
     last = [loss for step, loss in losses if step > steps - LAST_STEPS] or [losses[-1][1]]
     model, tok, _ = load_run(run_dir)
     examples, _ = training_examples("downstream", seed=SPLIT_SEED)
@@ -140,8 +133,7 @@ def run(variants: Sequence[str] | None = None, *, base: str = "assets/base", ste
 
     names = list(variants or VARIANTS)
     base_model = load_base(base)[0]
-    for n in names:
-        variant_config(n, base_model)  # unknown names fail before anything runs
+    configs = {n: variant_config(n, base_model) for n in names}  # unknown names fail before anything runs
     out = Path(out)
     path = out / "learning.json"
     results: dict[str, dict[str, Any]] = {}
@@ -152,14 +144,13 @@ def run(variants: Sequence[str] | None = None, *, base: str = "assets/base", ste
             raise ValueError(f"{path}: not a valid results file ({e}); move it away to measure again") from e
     work = Path(tempfile.mkdtemp(prefix="slim-learning-"))
     try:
-        for n in names:
-            method, overrides = variant_config(n, base_model)
+        for n, (method, overrides) in configs.items():
             old = results.get(n)
             if old and json.loads(json.dumps(old["overrides"])) == json.loads(json.dumps(overrides)) and \
                     (old["steps"], old["lr"], old["seed"]) == (steps, lr, seed):
                 continue
             log(f"[{time.strftime('%H:%M:%S')}] {n}")
-            results[n] = run_variant(n, base=base, steps=steps, lr=lr, seed=seed, work=work)
+            results[n] = run_variant(n, method, overrides, base=base, steps=steps, lr=lr, seed=seed, work=work)
             r = results[n]
             log(f"    final loss {r['final_loss']:.3f}"
                 + (f"  flagged training sequences {r['flagged_train']:.3f}" if r["flagged_train"] is not None
