@@ -347,6 +347,20 @@ def test_prepass_routes_every_layer_on_the_base_pass_maximum(ids):
     assert (expected > rec_own[first]["d"]).any()  # the first layer routes on more than its own score
 
 
+def test_prepass_computes_no_vocabulary_logits_it_does_not_need(ids):
+    """The scoring pass reads the layers' scores only: the LM head runs on one position per sequence there, on
+    every position in the routed pass (whose logits and loss are unchanged)."""
+    model = get_slim_model(tiny_llama(), SlimConfig(**PREPASS, ood_source="prepass", yield_strength=8.0))
+    head = model.base_model.get_output_embeddings()
+    seen: list[tuple[int, ...]] = []
+    handle = head.register_forward_hook(lambda m, a, out: seen.append(tuple(a[0].shape)))
+    b, t = ids.shape
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
+    handle.remove()
+    assert seen[0][:2] == (b, 1) and seen[1][:2] == (b, t)
+    assert out.logits.shape[:2] == (b, t) and torch.isfinite(out.loss)
+
+
 def test_prepass_fits_the_clusters_on_the_base_hidden_states_once_per_step(ids):
     """With lr 0 and zero adapters the adapted model is the base, so a per-layer model fits the same clusters on the
     same hidden states: the scoring pass must update each layer's clusters exactly as often, on the base's states."""

@@ -14,6 +14,7 @@ exact names or dotted suffixes.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import re
@@ -249,6 +250,14 @@ class AdaptedModel(ModelWrapper):
         return self.base_model
 
 
+def _accepts(module: nn.Module, name: str) -> bool:
+    """Whether ``module.forward`` takes a keyword ``name`` (HF causal LMs take ``logits_to_keep``)."""
+    try:
+        return name in inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):  # a forward without an inspectable signature
+        return False
+
+
 class SlimModel(AdaptedModel):
     """A HuggingFace model with SLIM layers injected."""
 
@@ -293,6 +302,8 @@ class SlimModel(AdaptedModel):
             return
         kw = {k: v for k, v in kwargs.items() if k not in ("labels", "past_key_values", "cache", "num_items_in_batch")}
         kw["use_cache"] = False
+        if _accepts(module, "logits_to_keep"):  # the pass needs the layers' scores, not the vocabulary logits
+            kw["logits_to_keep"] = 1
         # the frozen base as it is at inference: dropout off; the SLIM layers keep their mode (in training they
         # fit their clusters on the base's hidden states during this pass)
         modes = [(m, m.training) for m in module.modules()]
