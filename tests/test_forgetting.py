@@ -114,6 +114,27 @@ def test_benchmark_writes_records_summary_and_plot_and_resumes(tiny_base, tmp_pa
     assert {p.name: p.stat().st_mtime_ns for p in (out / "records").iterdir()} == before
 
 
+def test_slim_variant_is_a_method_of_its_own_trained_as_slim(tiny_base, tmp_path, monkeypatch):
+    """A SLIM variant gets its own records and summary group under its name, trains SLIM with its overrides on top
+    of the benchmark's SLIM configuration, and reports the routing separation like SLIM."""
+    from slimpeft.training import load_base
+
+    monkeypatch.setattr(fg, "SLIM_BENCH", {**fg.SLIM_BENCH, **SMALL_SLIM})
+    monkeypatch.setitem(fg.SLIM_VARIANTS, "slim-single", {**fg.SLIM_VARIANTS["slim-single"], "r": 8, "alpha": 16.0})
+    out = tmp_path / "fg"
+    summary = fg.run_benchmark(TINY, base=str(tiny_base), out=out, methods_=["slim-single"], log=lambda s: None)
+    (rec_path,) = (out / "records").iterdir()
+    assert rec_path.name == "slim-single__mds__seed0__lr0.005.json"  # no ablations: those belong to "slim"
+    r = json.loads(rec_path.read_text())
+    assert r["method"] == "slim-single" and r["overrides"]["n_lora_experts"] == 1
+    assert r["overrides"]["n_clusters"] == 4 and r["overrides"]["mask_mode"] == "none"
+    base, _ = load_base(str(tiny_base))
+    assert r["trainable_params"] == methods.trainable_budget("slim", base, **r["overrides"])
+    assert 0.0 <= r["ood_auroc"] <= 1.0
+    assert set(summary["groups"]) == {"slim-single|mds"}
+    assert fg.registry_method("slim-single") == "slim" and fg.registry_method("lora") == "lora"
+
+
 def test_corrupt_record_is_reported_with_its_path(tmp_path):
     (tmp_path / "records").mkdir()
     (tmp_path / "records" / "x.json").write_text("{not json")

@@ -16,6 +16,8 @@ Protocol (the same for every method):
 * **Seeds**: the seed sets initialisation, data order and masks; the task splits stay those of seed 0 (the split
   the shipped base model was pretrained against), so ``base_general`` is one number per task.
 * **Ablations** of SLIM (:data:`ABLATIONS`) run in the MDS setting at SLIM's grid point.
+* **SLIM variants** (:data:`SLIM_VARIANTS`, e.g. ``slim-single``: one LoRA expert of the mixture's whole rank) are
+  measured as methods of their own: the whole learning-rate grid and every seed.
 
 One JSON record per (method, setting, seed, lr) is written to ``OUT/records/`` as soon as it is measured (a
 rerun skips records that exist, so an interrupted benchmark resumes), then ``OUT/summary.json`` (per method and
@@ -35,14 +37,24 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import RECOMMENDED_ROUTING
+from ..config import RECOMMENDED_ROUTING, SINGLE_EXPERT
 from ..data.tasks import list_tasks
 
-METHODS = ("slim", "lora", "dora", "mixlora", "mixlora-dy", "loramoe", "mola", "full")
+METHODS = ("slim", "slim-single", "lora", "dora", "mixlora", "mixlora-dy", "loramoe", "mola", "full")
 
 # The SLIM configuration the benchmark measures as "slim": config.RECOMMENDED_ROUTING (every change to the paper's
 # routing is an option of SlimConfig; the paper-faithful variant is the ablation row "paper").
 SLIM_BENCH: dict[str, Any] = dict(RECOMMENDED_ROUTING)
+
+# Other SLIM configurations measured like a method (own lr search, every seed): name -> overrides on top of SLIM_BENCH.
+# Their records carry the variant's name as ``method``; they train with the registry's "slim".
+SLIM_VARIANTS: dict[str, dict[str, Any]] = {"slim-single": dict(SINGLE_EXPERT)}
+
+
+def registry_method(method: str) -> str:
+    """The ``methods`` registry name a benchmark method trains with (a SLIM variant: "slim")."""
+    return "slim" if method in SLIM_VARIANTS else method
+
 
 # SLIM ablations: name -> overrides applied on top of SLIM_BENCH
 ABLATIONS: dict[str, dict[str, Any]] = {
@@ -162,6 +174,8 @@ def method_overrides(method: str, base_model: Any) -> dict[str, Any]:
 
     if method == "slim":
         return dict(SLIM_BENCH)
+    if method in SLIM_VARIANTS:
+        return {**SLIM_BENCH, **SLIM_VARIANTS[method]}
     if method in ("lora", "dora"):  # the MoE baselines keep their default sizes (8 experts of rank 16)
         return methods.budget_overrides(method, base_model, methods.make_config("slim", **SLIM_BENCH))
     return {}
@@ -241,7 +255,7 @@ def run_one(spec: RunSpec, profile: Profile, base: str, base_gen: dict[str, floa
     t0 = time.perf_counter()
     # every seed trains on the facts of the split it is tested on (split 0); the seed varies initialisation, data
     # order and masks only
-    train(TrainArgs(base=base, method=spec.method, data=spec.data, out=str(run_dir), steps=profile.steps,
+    train(TrainArgs(base=base, method=registry_method(spec.method), data=spec.data, out=str(run_dir), steps=profile.steps,
                     batch_size=profile.batch_size, lr=spec.lr, seed=spec.seed, split_seed=SPLIT_SEED,
                     overrides=spec.overrides, save_steps=profile.steps, progress=False))
     seconds = time.perf_counter() - t0
@@ -259,7 +273,7 @@ def run_one(spec: RunSpec, profile: Profile, base: str, base_gen: dict[str, floa
     }
     record["downstream_avg"] = _mean(list(record["downstream"].values()))
     record["general_avg"] = _mean(list(general.values()))
-    if spec.method == "slim" and model.slim_config.n_identity_experts > 0:
+    if registry_method(spec.method) == "slim" and model.slim_config.n_identity_experts > 0:
         record.update(ood_separation(model, tok, profile.limit))
     shutil.rmtree(run_dir, ignore_errors=True)
     return record
