@@ -101,6 +101,10 @@ def test_benchmark_writes_records_summary_and_plot_and_resumes(tiny_base, tmp_pa
     before = {p.name: p.stat().st_mtime_ns for p in (out / "records").iterdir()}
     fg.run_benchmark(TINY, base=str(tiny_base), out=out, methods_=["slim", "lora"], log=lambda s: None)
     assert {p.name: p.stat().st_mtime_ns for p in (out / "records").iterdir()} == before
+    # a run of one method keeps the others in the folder's summary
+    again = fg.run_benchmark(TINY, base=str(tiny_base), out=out, methods_=["lora"], log=lambda s: None)
+    assert set(again["groups"]) == set(summary["groups"])
+    assert set(json.loads((out / "summary.json").read_text())["groups"]) == set(summary["groups"])
     # records of another budget are never mixed into this folder's summary
     longer = fg.Profile(**{**TINY.__dict__, "name": "longer", "steps": 4})
     with pytest.raises(ValueError, match=r"3 steps and 4 test items .*'longer' uses 4 and 4: choose another --out"):

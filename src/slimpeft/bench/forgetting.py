@@ -475,7 +475,8 @@ def run_benchmark(profile: str | Profile = "quick", base: str = "assets/base", o
         execute([s for s in plan(prof, base_model, methods_, best_lr) if s not in search])  # phase 2
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    records = [r for r in load_records(out) if r["method"] in methods_]
+    # the summary covers every record in the folder: a run of some methods adds to it, never drops the others
+    records = [r for r in load_records(out) if r["method"] in METHODS]
     best_lr = choose_lr(records, prof.search_seeds)
     summary = summarize(records, best_lr)
     summary["profile"] = asdict(prof)

@@ -27,13 +27,18 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .forgetting import SPLIT_SEED, _write_json, method_overrides
+from .forgetting import SPLIT_SEED, _write_json, method_overrides, registry_method
 
-# name -> (method, overrides on top of the benchmark's configuration of that method)
+# name -> (benchmark method, overrides on top of the forgetting benchmark's configuration of that method)
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "lora": ("lora", {}),
     "mixlora": ("mixlora", {}),
     "slim": ("slim", {}),
+    "slim-single": ("slim-single", {}),
+    # the single expert with the paper's dynamic-merging mask
+    "slim-single/mask": ("slim-single", {"mask_mode": "fast"}),
+    # the paper-sized mixture without the mask, identity experts through the yield alone
+    "slim/no-mask+identity-gate-yield": ("slim", {"mask_mode": "none", "identity_gate": "yield"}),
     # the recommended routing before the fix of 2026-11-25: threshold 2 per layer, the paper's router speed
     "slim/stop-12": ("slim", {"threshold_std": 2.0, "router_lr_scale": 1.0}),
     "slim/threshold-2": ("slim", {"threshold_std": 2.0}),
@@ -88,9 +93,9 @@ def run_variant(name: str, method: str, overrides: dict[str, Any], *, base: str,
 
     run_dir = work / name.replace("/", "-")
     t0 = time.perf_counter()
-    train(TrainArgs(base=base, method=method, data="downstream", out=str(run_dir), steps=steps, lr=lr, seed=seed,
-                    split_seed=SPLIT_SEED, overrides=overrides, save_steps=steps, logging_steps=min(10, steps),
-                    progress=False))
+    train(TrainArgs(base=base, method=registry_method(method), data="downstream", out=str(run_dir), steps=steps,
+                    lr=lr, seed=seed, split_seed=SPLIT_SEED, overrides=overrides, save_steps=steps,
+                    logging_steps=min(10, steps), progress=False))
     seconds = time.perf_counter() - t0
     history = json.loads((run_dir / "train_log.json").read_text())  # the Trainer's log history, written by train()
     losses = [(h["step"], float(h["loss"])) for h in history if "loss" in h]
@@ -114,7 +119,7 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> Path:
     for name, r in results.items():
         steps, losses = zip(*r["curve"], strict=True)
         ax.plot(steps, losses, label=f"{name} ({r['final_loss']:.2f})", lw=2 if "/" not in name else 1,
-                ls="-" if r["method"] != "slim" or name == "slim" else "--")
+                ls="-" if "/" not in name else "--")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     ax.set_title("training loss on the downstream mix (same data, steps, lr, seed)")
