@@ -229,6 +229,35 @@ def test_identity_gate_yield_keeps_in_domain_tokens_off_identity_experts():
     assert layer.router.grad[4:].abs().sum() == 0 and layer.router.grad[:4].abs().sum() > 0
 
 
+def test_yield_in_training_false_trains_flagged_tokens_and_yields_at_inference():
+    """With the yield off in training, a token the clusters flag still reaches the LoRA experts in training (its
+    output is the base's plus a nonzero delta, and the experts get its gradient); in eval mode it goes to the identity
+    experts as before. The clusters keep fitting in training either way."""
+    outs = {}
+    for in_training in (True, False):
+        cfg = SlimConfig(r=2, n_lora_experts=4, n_identity_experts=2, top_k=2, n_clusters=4, mask_mode="none",
+                         yield_strength=16.0, identity_gate="yield", yield_in_training=in_training)
+        layer = _standalone(cfg)
+        g = torch.Generator().manual_seed(0)
+        layer.train()
+        for _ in range(30):
+            layer(torch.randn(64, 16, generator=g))
+        with torch.no_grad():
+            layer.experts.lora_B.normal_(generator=torch.Generator().manual_seed(2))
+        x_far = torch.randn(64, 16, generator=g) * 0.5 + 4.0
+        n_updates = int(layer.clusters.n_updates)
+        layer.zero_grad()
+        y = layer(x_far)
+        assert int(layer.clusters.n_updates) == n_updates + 1  # the score is computed and the clusters slide
+        y.sum().backward()
+        delta = (y - layer.base_layer(x_far)).abs().mean().item()
+        outs[in_training] = (delta, layer.experts.lora_B.grad.abs().sum().item(), _identity_weight(layer, x_far))
+    (d_on, g_on, w_on), (d_off, g_off, w_off) = outs[True], outs[False]
+    assert d_on < 1e-6 and g_on == 0.0  # the paper: flagged training tokens teach the experts nothing
+    assert d_off > 0.1 and g_off > 0.0  # yield off in training: they are learned
+    assert w_on > 0.99 and w_off > 0.99  # and at inference both yield to the identity experts
+
+
 def test_router_lr_scale_keeps_initial_logits_and_scales_adam_steps():
     x = torch.randn(4, 6, 16, generator=torch.Generator().manual_seed(3))
     deltas, initial = [], []

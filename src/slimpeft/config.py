@@ -132,6 +132,13 @@ class SlimConfig:
         default=1.0,
         metadata={"help": "gamma of weight yielding: identity logits are raised by gamma * d(x) before top-K."},
     )
+    yield_in_training: bool = field(
+        default=True,
+        metadata={"help": "Apply the yield in training too (paper). False: every training token reaches the LoRA "
+                  "experts (the clusters still fit and the score is still computed); the yield acts at inference "
+                  "only. The training data is in-domain by definition, and a training sequence the clusters flag "
+                  "would otherwise teach the adapters nothing."},
+    )
     identity_gate: IdentityGate = field(
         default="router",
         metadata={"help": "How identity experts enter the top-K. 'router' (paper): their router logits plus "
@@ -233,8 +240,9 @@ class SlimConfig:
         if self.ood_source == "prepass" and self.ood_pooling == "token":
             errs.append("`ood_source`='prepass' needs `ood_pooling` 'sequence' or 'causal' (tokens generated with a "
                         "KV cache keep the prompt's score; a per-token score would need the base model's own cache)")
-        if not isinstance(self.mask_rescale, bool):
-            errs.append(f"`mask_rescale`={self.mask_rescale!r} must be true or false")
+        for name in ("mask_rescale", "yield_in_training"):
+            if not isinstance(getattr(self, name), bool):
+                errs.append(f"`{name}`={getattr(self, name)!r} must be true or false")
         tm = self.target_modules
         if tm is not None and not isinstance(tm, str):
             if not isinstance(tm, (list, tuple)) or not tm or not all(isinstance(t, str) and t for t in tm):

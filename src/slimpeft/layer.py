@@ -120,7 +120,7 @@ _FAST_EVAL_FIELDS = frozenset({
     "r", "alpha", "n_lora_experts", "n_identity_experts", "top_k", "target_modules", "n_clusters",
     "cluster_momentum", "distance", "ood_score", "threshold_std", "ood_pooling", "ood_source", "yield_strength",
     "identity_gate", "mask_rate", "mask_mode", "mask_rescale", "inference_mask", "l1_weight", "balance_coef",
-    "router_init_std", "router_lr_scale", "seed", "spread_floor",
+    "router_init_std", "router_lr_scale", "seed", "spread_floor", "yield_in_training",
 })
 
 
@@ -172,8 +172,9 @@ class SlimLinear(nn.Module):
             return self._eval_forward(xf, result.reshape(-1, self.d_out), lead).view(*lead, self.d_out)
         valid = valid_token_mask(self.ctx.attention_mask, lead)  # (n,) bool or None
         d = self._ood_score(xf, lead, valid)  # (n,) float32 or None
+        gamma = 0.0 if self.training and not cfg.yield_in_training else cfg.yield_strength
         ro = route(xf, self.router_weight(), "top_k", top_k=cfg.top_k, d=d, n_lora=cfg.n_lora_experts,
-                   yield_strength=cfg.yield_strength, identity_gate=cfg.identity_gate)
+                   yield_strength=gamma, identity_gate=cfg.identity_gate)
         if self.training and cfg.balance_coef > 0.0 and torch.is_grad_enabled():
             self.ctx.aux_losses.append(cfg.balance_coef * lora_balance_loss(ro.logits, ro.indices, ro.weights,
                                                                             cfg.n_lora_experts, valid))
