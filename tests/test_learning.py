@@ -24,6 +24,7 @@ def test_learning_bench_records_losses_and_flagged_share_and_resumes(tmp_path, m
     single = res["slim-single/mask"]  # a SLIM variant of the forgetting bench, trained as SLIM, one override more
     assert single["method"] == "slim-single" and single["overrides"]["n_lora_experts"] == 1
     assert single["overrides"]["mask_mode"] == "fast" and single["overrides"]["router_lr_scale"] == 0.1
+    assert single["overrides"]["yield_in_training"] is False
     assert (tmp_path / "learning.png").stat().st_size > 0
 
     def no_training(*a, **k):

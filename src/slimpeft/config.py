@@ -53,14 +53,15 @@ RECOMMENDED_ROUTING: dict[str, Any] = {"ood_pooling": "sequence", "ood_score": "
                                       "router_lr_scale": 0.1}
 
 # SLIM with one LoRA expert holding the whole rank of the paper's 8 x r16 mixture (the same trainable budget), the
-# identity experts reached through the yield alone and no dynamic-merging mask: in-domain inputs get the whole
-# adapter, inputs the clusters flag get the frozen base. Measured on the shipped base (BENCHMARKS.md section 4,
-# `slim bench learning`): the paper-sized mixture trained with the mask fits the downstream data far less than LoRA
-# (final training loss 4.03 vs 2.70: the mask costs 0.6 nats, eight top-2 experts of rank 16 another 0.4) while
-# retention comes from the yield, which this keeps. Use on top of RECOMMENDED_ROUTING:
-# `SlimConfig(**RECOMMENDED_ROUTING, **SINGLE_EXPERT)`; scale r (alpha = 2r) with the budget you want.
+# identity experts reached through the yield alone, the yield acting at inference only and no dynamic-merging mask:
+# every training token trains the whole adapter; at inference, inputs the clusters flag get the frozen base.
+# Measured on the shipped base (BENCHMARKS.md section 4, `slim bench learning`): the paper-sized mixture trained with
+# the mask fits the downstream data far less than LoRA (final training loss 4.03 vs 2.70: the mask costs 0.6 nats,
+# the yield in training 0.3, eight top-2 experts of rank 16 0.4) while retention comes from the yield at inference,
+# which this keeps. Use on top of RECOMMENDED_ROUTING: `SlimConfig(**RECOMMENDED_ROUTING, **SINGLE_EXPERT)`; scale r
+# (alpha = 2r) with the budget you want.
 SINGLE_EXPERT: dict[str, Any] = {"n_lora_experts": 1, "r": 128, "alpha": 256.0, "identity_gate": "yield",
-                                 "mask_mode": "none"}
+                                 "mask_mode": "none", "yield_in_training": False}
 
 
 @dataclass

@@ -10,7 +10,8 @@ measure of how much a configuration learns. Each variant trains exactly as one r
 * ``final_loss``: the mean logged training loss over the last 50 steps (the curve is kept too);
 * ``flagged_train`` (SLIM with identity experts and a yield): the share of the training sequences that the trained
   model's routing sends to the identity experts in at least one layer (eval mode, after training) -- data that
-  teaches the adapters nothing while it is flagged.
+  teaches the adapters nothing while it is flagged (unless ``yield_in_training`` is off: then it is trained on and
+  yielded at inference only).
 
 Results go to ``OUT/learning.json`` (one entry per variant, written after each; a rerun skips variants already
 measured with the same configuration) and the curves to ``OUT/learning.png``.
@@ -35,8 +36,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "mixlora": ("mixlora", {}),
     "slim": ("slim", {}),
     "slim-single": ("slim-single", {}),
-    # the single expert with the paper's dynamic-merging mask
+    # the single expert with the paper's dynamic-merging mask; with the yield in training (the paper)
     "slim-single/mask": ("slim-single", {"mask_mode": "fast"}),
+    "slim-single/yield-in-training": ("slim-single", {"yield_in_training": True}),
     # the paper-sized mixture without the mask, identity experts through the yield alone
     "slim/no-mask+identity-gate-yield": ("slim", {"mask_mode": "none", "identity_gate": "yield"}),
     # the recommended routing before the fix of 2026-11-25: threshold 2 per layer, the paper's router speed
