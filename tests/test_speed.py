@@ -204,7 +204,9 @@ def test_speed_bench_records_every_ratio_and_target(tmp_path):
         assert result["targets"][key]["met"] == (result[key] <= TARGETS[key][0] if TARGETS[key][1] == "<="
                                                  else result[key] >= TARGETS[key][0])
     tr = result["train"]
-    assert set(tr) == {"slim", "slim-recommended", "lora", "mixlora", "loramoe", "full"}
+    assert set(tr) == {"slim", "slim-recommended", "slim-single", "lora", "mixlora", "loramoe", "full"}
+    assert tr["slim-single"]["trainable_params"] < tr["slim"]["trainable_params"]  # the same experts, 3 router rows
+    assert result["infer_slim_single_over_base_tokens_per_s"] > 0
     assert result["train_slim_recommended_over_lora_tokens_per_s"] == pytest.approx(
         tr["slim-recommended"]["tokens_per_s"] / tr["lora"]["tokens_per_s"])
     # LoRA runs at SLIM's trainable budget (within one rank's worth of parameters)

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import RECOMMENDED_ROUTING, SlimConfig
+from ..config import RECOMMENDED_ROUTING, SINGLE_EXPERT, SlimConfig
 from ..layer import SlimLinear
 from ..masking import apply_fast_masks, dare_delta, dare_mask, fast_masks
 from ..methods.config import LoraMoeConfig, MolaConfig
@@ -149,9 +149,11 @@ def print_layer_table(result: dict) -> None:
 # ------------------------------------------------------------------------------------------------ model level
 # "slim-recommended": SLIM with config.RECOMMENDED_ROUTING (the scoring pass through the frozen base, a
 # sequence-pooled score), what `make demo` and the forgetting benchmark use; "slim" is SlimConfig's defaults (the
-# paper's per-token routing), the configuration the issue's targets are set for
-TRAIN_METHODS = ("slim", "slim-recommended", "lora", "mixlora", "loramoe", "full")
-INFER_METHODS = ("base", "lora", "slim", "slim-recommended")
+# paper's per-token routing), the configuration the issue's targets are set for; "slim-single": the recommended
+# routing with config.SINGLE_EXPERT (one LoRA expert of the mixture's whole rank), the forgetting benchmark's
+# slim-single
+TRAIN_METHODS = ("slim", "slim-recommended", "slim-single", "lora", "mixlora", "loramoe", "full")
+INFER_METHODS = ("base", "lora", "slim", "slim-recommended", "slim-single")
 
 
 @dataclass
@@ -197,6 +199,8 @@ def build_method(name: str, base: str, seed: int = 0, *, wide_layers: int = 0) -
         return model
     if name == "slim-recommended":
         return methods.build("slim", model, **RECOMMENDED_ROUTING)
+    if name == "slim-single":
+        return methods.build("slim", model, **RECOMMENDED_ROUTING, **SINGLE_EXPERT)
     return methods.build(name, model, **(methods.budget_overrides(name, model) if name == "lora" else {}))
 
 
@@ -369,7 +373,7 @@ def run_speed_bench(quick: bool = False, out: Path | None = None, base: str = "a
     for prefix, inf in (("infer", infer), ("infer_wide", infer_wide)):
         if inf is None:
             continue
-        for n in ("slim", "slim-recommended", "lora"):
+        for n in ("slim", "slim-recommended", "slim-single", "lora"):
             if n not in inf:
                 continue
             per_batch = [inf[n][f"batch{b}_tokens_per_s"] / inf["base"][f"batch{b}_tokens_per_s"]
