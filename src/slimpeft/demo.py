@@ -1,8 +1,9 @@
 """``make demo``: the main job on the shipped base model, end to end, in a few minutes on a CPU.
 
-Fine-tunes ``assets/base`` on the mix of downstream tasks with plain LoRA (the same trainable budget as SLIM)
-and with SLIM, evaluates both before and after on every general and downstream task, prints the table
-(downstream accuracy, general accuracy, retention, trainable parameters, time) and writes a plot.
+Fine-tunes ``assets/base`` on the mix of downstream tasks with plain LoRA (the same trainable budget as SLIM),
+with SLIM (the paper's 8 x r16 mixture, recommended routing) and with slim-single (one LoRA expert of the same
+rank, ``config.SINGLE_EXPERT``), evaluates each before and after on every general and downstream task, prints the
+table (downstream accuracy, general accuracy, retention, trainable parameters, time) and writes a plot.
 
     python -m slimpeft.demo [--steps 300] [--limit 100] [--out runs/demo]
 """
@@ -15,7 +16,7 @@ import logging
 import time
 from pathlib import Path
 
-from .config import RECOMMENDED_ROUTING
+from .config import RECOMMENDED_ROUTING, SINGLE_EXPERT
 from .data.tasks import list_tasks
 from .report import compare_accuracy
 from .training import TrainArgs, load_base, load_run, train
@@ -25,6 +26,9 @@ from .training import TrainArgs, load_base, load_run, train
 # that kept the most general ability in the forgetting benchmark (BENCHMARKS.md section 4). The per-token default is
 # `slim train` with no --set.
 SLIM_DEMO = dict(RECOMMENDED_ROUTING)
+# slim-single: the same routing with one LoRA expert of the mixture's whole rank, identity experts through the yield,
+# the yield at inference only, no mask (config.SINGLE_EXPERT; the forgetting benchmark's slim-single)
+SLIM_SINGLE_DEMO = {**RECOMMENDED_ROUTING, **SINGLE_EXPERT}
 
 
 def run_demo(base: str = "assets/base", out: str = "runs/demo", steps: int = 400, limit: int | None = 100,
@@ -32,18 +36,18 @@ def run_demo(base: str = "assets/base", out: str = "runs/demo", steps: int = 400
     from . import methods
 
     base_model, _ = load_base(base)
-    plan = {"lora": methods.budget_overrides("lora", base_model, methods.make_config("slim", **SLIM_DEMO)),
-            "slim": SLIM_DEMO}
+    plan = {"lora": ("lora", methods.budget_overrides("lora", base_model, methods.make_config("slim", **SLIM_DEMO))),
+            "slim": ("slim", SLIM_DEMO), "slim-single": ("slim", SLIM_SINGLE_DEMO)}
     rows = {}
-    for method, overrides in plan.items():
+    for name, (method, overrides) in plan.items():
         t0 = time.perf_counter()
-        run_dir = train(TrainArgs(base=base, method=method, data="downstream", out=f"{out}/{method}", steps=steps,
+        run_dir = train(TrainArgs(base=base, method=method, data="downstream", out=f"{out}/{name}", steps=steps,
                                   lr=lr, seed=seed, overrides=overrides, save_steps=steps))
         seconds = time.perf_counter() - t0
         model, tok, cfg = load_run(run_dir)
         fresh_base, _ = load_base(base)
         summary = compare_accuracy(model, tok, list_tasks(), base_model=fresh_base.eval(), limit=limit)
-        rows[method] = {**summary, "trainable_params": cfg["trainable_params"], "train_seconds": seconds,
+        rows[name] = {**summary, "trainable_params": cfg["trainable_params"], "train_seconds": seconds,
                         "overrides": overrides}
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / "demo.json").write_text(json.dumps(rows, indent=2, sort_keys=True))
@@ -93,7 +97,7 @@ def main() -> None:
     ap.add_argument("--out", default="runs/demo", help="output folder")
     ap.add_argument("--steps", type=int, default=400, help="training steps per method")
     ap.add_argument("--limit", type=int, default=100, help="test items per task (0 = all)")
-    ap.add_argument("--lr", type=float, default=5e-3, help="learning rate (both methods)")
+    ap.add_argument("--lr", type=float, default=5e-3, help="learning rate (every method)")
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     run_demo(a.base, a.out, a.steps, a.limit or None, a.lr)
