@@ -71,8 +71,9 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "distance-rms": {"distance": "rms"},
     "mlp+attention": {"target_modules": ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "self_attn.q_proj",
                                          "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]},
-    "experts-4": {"n_lora_experts": 4, "r": 32},
-    "experts-16": {"n_lora_experts": 16, "r": 8},
+    # the same total rank split differently; alpha = 2r as everywhere (the LoRA scale alpha / r stays 2)
+    "experts-4": {"n_lora_experts": 4, "r": 32, "alpha": 64.0},
+    "experts-16": {"n_lora_experts": 16, "r": 8, "alpha": 16.0},
     "no-l1": {"l1_weight": 0.0},
     # the routing recommended before the scoring pass: the running maximum of the layers run so far (layer 0 sees
     # only its own score), yield 8
