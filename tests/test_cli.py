@@ -100,6 +100,23 @@ def test_train_other_methods(tiny_base, tmp_path, method):
     assert cfg["args"]["method"] == method and (out / "adapter" / "adapter_config.json").is_file()
 
 
+def test_train_preset_single_with_set_on_top(tiny_base, tmp_path):
+    from slimpeft import SINGLE_EXPERT
+
+    out = tmp_path / "single"
+    res = runner.invoke(app, ["train", "--base", str(tiny_base), "--out", str(out), "--preset", "single", "--steps",
+                              "2", "--batch-size", "4", "--set", "r=4", "--set", "alpha=8", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())["config"]
+    assert cfg["n_lora_experts"] == 1 and cfg["yield_in_training"] is False and cfg["ood_source"] == "prepass"
+    assert (cfg["r"], cfg["alpha"]) == (4, 8) and SINGLE_EXPERT["r"] == 128  # --set wins over the preset
+    for argv, msg in ((["--preset", "huge"], "--preset 'huge': unknown; choose from paper, recommended, single"),
+                      (["--preset", "single", "--method", "lora"], "is a SLIM configuration; --method is 'lora'")):
+        bad = runner.invoke(app, ["train", "--base", str(tiny_base), "--out", str(tmp_path / "x"), *argv])
+        assert bad.exit_code == 2 and msg in bad.output
+    assert not (tmp_path / "x").exists()
+
+
 def test_malformed_jsonl_fails_with_file_and_line_and_trains_nothing(tiny_base, tmp_path):
     data = tmp_path / "bad.jsonl"
     data.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "c", "response": \n')

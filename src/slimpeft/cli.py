@@ -122,6 +122,10 @@ def train(
                                 ] = 0,
     set_: Annotated[list[str] | None, typer.Option("--set", help="method config override key=value "
                                                       "(repeatable), e.g. --set r=8 --set yield_strength=4")] = None,
+    preset: Annotated[str, typer.Option(help="--method slim only: 'paper' (SlimConfig's defaults), 'recommended' "
+                                             "(the routing measured best, BENCHMARKS.md section 4) or 'single' "
+                                             "(recommended + one LoRA expert of rank 128: learned as much as LoRA "
+                                             "there); --set applies on top")] = "paper",
     resume: Annotated[bool, typer.Option(help="resume from the last complete checkpoint in the run directory")
                       ] = False,
     deepspeed: Annotated[str, typer.Option(help="DeepSpeed JSON config, e.g. configs/deepspeed/zero3.json "
@@ -130,11 +134,17 @@ def train(
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
     """Fine-tune a base model with one method; writes the adapter, config, logs and checkpoints to OUT."""
+    from .config import PRESETS
     from .training import TrainArgs
     from .training import train as run
 
     _setup_logging()
-    args = TrainArgs(base=base, method=method, data=data, out=out, overrides=_parse_set(set_ or []), steps=steps,
+    if preset not in PRESETS:
+        _fail(f"--preset {preset!r}: unknown; choose from {', '.join(PRESETS)}")
+    if preset != "paper" and method != "slim":
+        _fail(f"--preset {preset!r} is a SLIM configuration; --method is {method!r}")
+    overrides = {**PRESETS[preset], **_parse_set(set_ or [])}
+    args = TrainArgs(base=base, method=method, data=data, out=out, overrides=overrides, steps=steps,
                      batch_size=batch_size, lr=lr, max_length=max_length, seed=seed, split_seed=split_seed,
                      save_steps=save_steps,
                      logging_steps=logging_steps, sync_check_steps=sync_check_steps, resume=resume, progress=progress,

@@ -63,6 +63,11 @@ RECOMMENDED_ROUTING: dict[str, Any] = {"ood_pooling": "sequence", "ood_score": "
 SINGLE_EXPERT: dict[str, Any] = {"n_lora_experts": 1, "r": 128, "alpha": 256.0, "identity_gate": "yield",
                                  "mask_mode": "none", "yield_in_training": False}
 
+# Named starting points (`slim train --preset NAME`; explicit overrides apply on top): the paper's defaults, the
+# recommended routing, and the recommended routing with one LoRA expert.
+PRESETS: dict[str, dict[str, Any]] = {"paper": {}, "recommended": dict(RECOMMENDED_ROUTING),
+                                      "single": {**RECOMMENDED_ROUTING, **SINGLE_EXPERT}}
+
 
 @dataclass
 class SlimConfig:
