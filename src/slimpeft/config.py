@@ -59,8 +59,8 @@ RECOMMENDED_ROUTING: dict[str, Any] = {"ood_pooling": "sequence", "ood_score": "
 # the mask fits the downstream data far less than LoRA (final training loss 4.03 vs 2.70: the mask costs 0.6 nats,
 # eight top-2 experts of rank 16 instead of one of rank 128 0.4, the yield in training 0.36; this reaches 2.67) while
 # retention comes from the identity experts and the yield at inference, which this keeps. (With one LoRA expert the
-# router's rows get no gradient: the yield alone decides.) Use on top of RECOMMENDED_ROUTING: `SlimConfig(**RECOMMENDED_ROUTING, **SINGLE_EXPERT)`; scale r
-# (alpha = 2r) with the budget you want.
+# router's rows get no gradient: the yield alone decides.) Use on top of RECOMMENDED_ROUTING:
+# `SlimConfig(**RECOMMENDED_ROUTING, **SINGLE_EXPERT)`; scale r (alpha = 2r) with the budget you want.
 SINGLE_EXPERT: dict[str, Any] = {"n_lora_experts": 1, "r": 128, "alpha": 256.0, "identity_gate": "yield",
                                  "mask_mode": "none", "yield_in_training": False}
 
