@@ -242,7 +242,11 @@ class SlimConfig:
             if not ok:
                 errs.append(f"`{name}`={v!r} must be a finite number >= 0")
         v = self.router_lr_scale
-        if not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf):
+        try:  # an int beyond the float range passes `v < inf` but overflows where the router is scaled
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < float(v) < math.inf
+        except OverflowError:
+            ok = False
+        if not ok:
             errs.append(f"`router_lr_scale`={v!r} must be a finite number > 0")
         if self.ood_source == "prepass" and self.ood_pooling == "token":
             errs.append("`ood_source`='prepass' needs `ood_pooling` 'sequence' or 'causal' (tokens generated with a "
