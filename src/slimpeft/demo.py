@@ -16,7 +16,7 @@ import logging
 import time
 from pathlib import Path
 
-from .config import RECOMMENDED_ROUTING, SINGLE_EXPERT
+from .config import PRESETS, RECOMMENDED_ROUTING
 from .data.tasks import list_tasks
 from .report import compare_accuracy
 from .training import TrainArgs, load_base, load_run, train
@@ -28,7 +28,7 @@ from .training import TrainArgs, load_base, load_run, train
 SLIM_DEMO = dict(RECOMMENDED_ROUTING)
 # slim-single: the same routing with one LoRA expert of the mixture's whole rank, identity experts through the yield,
 # the yield at inference only, no mask (config.SINGLE_EXPERT; the forgetting benchmark's slim-single)
-SLIM_SINGLE_DEMO = {**RECOMMENDED_ROUTING, **SINGLE_EXPERT}
+SLIM_SINGLE_DEMO = dict(PRESETS["single"])
 
 
 def run_demo(base: str = "assets/base", out: str = "runs/demo", steps: int = 400, limit: int | None = 100,

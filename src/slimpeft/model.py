@@ -13,6 +13,7 @@ exact names or dotted suffixes.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
@@ -250,12 +251,14 @@ class AdaptedModel(ModelWrapper):
         return self.base_model
 
 
-def _accepts(module: nn.Module, name: str) -> bool:
-    """Whether ``module.forward`` takes a keyword ``name`` (HF causal LMs take ``logits_to_keep``)."""
+@functools.cache
+def _forward_params(cls: type) -> frozenset[str]:
+    """Parameter names of ``cls.forward`` (HF causal LMs take ``logits_to_keep``), read once per class: the scoring
+    pass asks on every training step."""
     try:
-        return name in inspect.signature(module.forward).parameters
+        return frozenset(inspect.signature(cls.forward).parameters)
     except (TypeError, ValueError):  # a forward without an inspectable signature
-        return False
+        return frozenset()
 
 
 class SlimModel(AdaptedModel):
@@ -302,7 +305,7 @@ class SlimModel(AdaptedModel):
             return
         kw = {k: v for k, v in kwargs.items() if k not in ("labels", "past_key_values", "cache", "num_items_in_batch")}
         kw["use_cache"] = False
-        if _accepts(module, "logits_to_keep"):  # the pass needs the layers' scores, not the vocabulary logits
+        if "logits_to_keep" in _forward_params(type(module)):  # the pass reads scores, not vocabulary logits
             kw["logits_to_keep"] = 1
         # the frozen base as it is at inference: dropout off; the SLIM layers keep their mode (in training they
         # fit their clusters on the base's hidden states during this pass)

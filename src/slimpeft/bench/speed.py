@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import RECOMMENDED_ROUTING, SINGLE_EXPERT, SlimConfig
+from ..config import PRESETS, RECOMMENDED_ROUTING, SlimConfig
 from ..layer import SlimLinear
 from ..masking import apply_fast_masks, dare_delta, dare_mask, fast_masks
 from ..methods.config import LoraMoeConfig, MolaConfig
@@ -200,7 +200,7 @@ def build_method(name: str, base: str, seed: int = 0, *, wide_layers: int = 0) -
     if name == "slim-recommended":
         return methods.build("slim", model, **RECOMMENDED_ROUTING)
     if name == "slim-single":
-        return methods.build("slim", model, **RECOMMENDED_ROUTING, **SINGLE_EXPERT)
+        return methods.build("slim", model, **PRESETS["single"])
     return methods.build(name, model, **(methods.budget_overrides(name, model) if name == "lora" else {}))
 
 
@@ -373,8 +373,8 @@ def run_speed_bench(quick: bool = False, out: Path | None = None, base: str = "a
     for prefix, inf in (("infer", infer), ("infer_wide", infer_wide)):
         if inf is None:
             continue
-        for n in ("slim", "slim-recommended", "slim-single", "lora"):
-            if n not in inf:
+        for n in INFER_METHODS:
+            if n == "base" or n not in inf:
                 continue
             per_batch = [inf[n][f"batch{b}_tokens_per_s"] / inf["base"][f"batch{b}_tokens_per_s"]
                          for b in margs.infer_batches]
