@@ -361,6 +361,38 @@ def test_prepass_computes_no_vocabulary_logits_it_does_not_need(ids):
     assert out.logits.shape[:2] == (b, t) and torch.isfinite(out.loss)
 
 
+def test_prepass_with_an_adapted_output_head(ids):
+    """The LM head as a target (PEFT allows it): it sees one position per sequence in the scoring pass and under
+    generate's logits_to_keep, so it scores nothing there and routes on the last positions of the others' score."""
+    targets = ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "lm_head"]
+    model = get_slim_model(tiny_llama(), SlimConfig(**PREPASS, ood_source="prepass", yield_strength=8.0,
+                                                    target_modules=targets))
+    assert "lm_head" in model.slim_layers()
+    _train_steps(model, ids, n=2)
+    _randomise_b(model)
+    model.ctx.record = True
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=torch.ones_like(ids))  # every position through the head
+            gen = model.generate(input_ids=ids[:2], attention_mask=torch.ones_like(ids[:2]), do_sample=False,
+                                 max_new_tokens=3, min_new_tokens=3, pad_token_id=0)
+    finally:
+        model.ctx.record = False
+    layers = model.slim_layers()
+    head, first = layers["lm_head"].records, next(iter(layers.values())).records
+    for layer in layers.values():
+        layer.records = []
+    assert not bool(layers["lm_head"].clusters.initialized)  # never scored: routes on the other layers' maximum
+    b, t = ids.shape
+    torch.testing.assert_close(head[0]["d"], first[0]["d"])  # full pass: (b*t,) the same score
+    assert head[0]["d"].shape == (b * t,) and (first[0]["d"] > 0).any()
+    # generate: the prompt pass gives the head the last position only; the KV-cache steps keep the prompt score
+    prompt_d = first[1]["d"].view(2, -1)[:, -1]
+    assert gen.shape == (2, t + 3) and len(head) == 4
+    for step in head[1:]:
+        torch.testing.assert_close(step["d"], prompt_d)
+
+
 def test_prepass_fits_the_clusters_on_the_base_hidden_states_once_per_step(ids):
     """With lr 0 and zero adapters the adapted model is the base, so a per-layer model fits the same clusters on the
     same hidden states: the scoring pass must update each layer's clusters exactly as often, on the base's states."""

@@ -45,6 +45,9 @@ class RoutingContext:
     phase: str = "route"
     fixed_score: torch.Tensor | None = None
     fixed_u: torch.Tensor | None = None
+    # (b, t) of the scoring pass's call: a layer that sees fewer positions (an output head under logits_to_keep)
+    # does not score, and routes on the last positions of the others' score
+    score_lead: tuple[int, int] | None = None
 
     def reset(self, attention_mask: torch.Tensor | None, past_length: int = 0) -> None:
         self.attention_mask = attention_mask
@@ -166,7 +169,8 @@ class SlimLinear(nn.Module):
         lead = x.shape[:-1]
         xf = x.reshape(-1, self.d_in)  # (n, i)
         if self.ctx.phase == "score":  # the scoring pass of ood_source "prepass": score the base's hidden states
-            self._ood_score(xf, lead, valid_token_mask(self.ctx.attention_mask, lead))
+            if self.ctx.score_lead is None or xf.shape[0] == self.ctx.score_lead[0] * self.ctx.score_lead[1]:
+                self._ood_score(xf, lead, valid_token_mask(self.ctx.attention_mask, lead))
             return result
         if self._fast_eval():
             return self._eval_forward(xf, result.reshape(-1, self.d_out), lead).view(*lead, self.d_out)
@@ -280,13 +284,19 @@ class SlimLinear(nn.Module):
         if cfg.n_identity_experts == 0:  # nothing to yield to: skip the clustering entirely
             return None
         if cfg.ood_source == "prepass" and ctx.phase == "route":
-            if ctx.fixed_score is None or ctx.fixed_score.shape[0] != xf.shape[0]:
+            d, u = ctx.fixed_score, ctx.fixed_u
+            if d is not None and d.shape[0] != xf.shape[0] and len(lead) == 2 and lead[0] > 0 \
+                    and d.shape[0] % lead[0] == 0 and lead[1] < d.shape[0] // lead[0]:
+                # a layer that sees the last positions only (an output head under logits_to_keep): their scores
+                d = d.view(lead[0], -1)[:, -lead[1]:].reshape(-1)
+                u = None if u is None else u.view(lead[0], -1)[:, -lead[1]:].reshape(-1)
+            if d is None or d.shape[0] != xf.shape[0]:
                 raise RuntimeError(
                     f"{self.name}: ood_source='prepass' found no scoring-pass score for these {xf.shape[0]} tokens; "
                     "call the adapted model (SlimModel or its base model with the SLIM layers in it), whose forward "
                     "pre-hook runs the scoring pass, not a layer on its own")
-            self._last_u = ctx.fixed_u
-            return ctx.fixed_score
+            self._last_u = u
+            return d
         carried = ctx.carried_score is not None and ctx.carried_score.shape[0] == xf.shape[0]
         if cfg.ood_source == "first" and carried:
             self._last_u = ctx.carried_u

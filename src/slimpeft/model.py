@@ -314,13 +314,13 @@ class SlimModel(AdaptedModel):
         module.eval()
         for layer, mode in layer_modes:
             layer.train(mode)
-        ctx.phase, ctx.carried_score, ctx.carried_u = "score", None, None
+        ctx.phase, ctx.carried_score, ctx.carried_u, ctx.score_lead = "score", None, None, (b, t)
         try:
             with torch.no_grad():
                 module(*args, **kw)
             d, u = ctx.carried_score, ctx.carried_u  # (b*t,) the maximum over all layers
         finally:
-            ctx.phase = "route"
+            ctx.phase, ctx.score_lead = "route", None
             for m, mode in modes:
                 m.training = mode
         ctx.reset(ctx.attention_mask, ctx.past_length)
