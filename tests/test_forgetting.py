@@ -139,6 +139,37 @@ def test_slim_variant_is_a_method_of_its_own_trained_as_slim(tiny_base, tmp_path
     assert fg.registry_method("slim-single") == "slim" and fg.registry_method("lora") == "lora"
 
 
+def test_head_methods_adapt_the_output_head_at_one_budget(tiny_base, tmp_path, monkeypatch):
+    """slim-single-head adapts the MLP and the LM head; lora-head and dora-head adapt the same targets at its
+    trainable budget (the closest rank), and a run of each trains and records them."""
+    from slimpeft.layer import base_shape
+    from slimpeft.model import linear_layer_names, resolve_targets
+    from slimpeft.training import load_base
+
+    monkeypatch.setattr(fg, "SLIM_BENCH", {**fg.SLIM_BENCH, **SMALL_SLIM})
+    monkeypatch.setitem(fg.SLIM_VARIANTS, "slim-single-head",
+                        {**fg.SLIM_VARIANTS["slim-single-head"], "r": 8, "alpha": 16.0})
+    base, _ = load_base(str(tiny_base))
+    assert "lm_head" in linear_layer_names(base)
+    for name in ("lora-head", "dora-head"):
+        ov = fg.method_overrides(name, base)
+        assert ov["target_modules"] == fg.HEAD_TARGETS and ov["alpha"] == 2 * ov["r"]
+        assert fg.registry_method(name) == name.split("-")[0]
+    out = tmp_path / "fg"
+    fg.run_benchmark(TINY, base=str(tiny_base), out=out, methods_=["slim-single-head", "lora-head"],
+                     log=lambda s: None)
+    recs = {r["method"]: r for r in fg.load_records(out)}
+    slim, lora = recs["slim-single-head"], recs["lora-head"]
+    assert slim["overrides"]["target_modules"] == lora["overrides"]["target_modules"] == fg.HEAD_TARGETS
+    # one rank of LoRA on these targets: sum over the adapted layers of (d_in + d_out)
+    per_rank = sum(i + o for i, o in (base_shape(base.get_submodule(n))
+                                      for n in resolve_targets(base, fg.HEAD_TARGETS)))
+    assert "lm_head" in resolve_targets(base, fg.HEAD_TARGETS)
+    assert abs(lora["trainable_params"] - slim["trainable_params"]) <= per_rank
+    assert slim["trainable_params"] > methods.trainable_budget("slim", base, **{**slim["overrides"],
+                                                                                "target_modules": None})
+
+
 def test_corrupt_record_is_reported_with_its_path(tmp_path):
     (tmp_path / "records").mkdir()
     (tmp_path / "records" / "x.json").write_text("{not json")

@@ -17,7 +17,9 @@ Protocol (the same for every method):
   the shipped base model was pretrained against), so ``base_general`` is one number per task.
 * **Ablations** of SLIM (:data:`ABLATIONS`) run in the MDS setting at SLIM's grid point.
 * **SLIM variants** (:data:`SLIM_VARIANTS`, e.g. ``slim-single``: one LoRA expert of the mixture's whole rank) are
-  measured as methods of their own: the whole learning-rate grid and every seed.
+  measured as methods of their own: the whole learning-rate grid and every seed. ``slim-single-head`` also adapts
+  the output head (:data:`HEAD_TARGETS`); ``lora-head`` and ``dora-head`` (:data:`BASELINE_VARIANTS`) adapt the
+  same targets at its trainable budget, so that the head is compared with the head.
 
 One JSON record per (method, setting, seed, lr) is written to ``OUT/records/`` as soon as it is measured (a
 rerun skips records that exist, so an interrupted benchmark resumes), then ``OUT/summary.json`` (per method and
@@ -40,7 +42,8 @@ from typing import Any
 from ..config import RECOMMENDED_ROUTING, SINGLE_EXPERT
 from ..data.tasks import list_tasks
 
-METHODS = ("slim", "slim-single", "lora", "dora", "mixlora", "mixlora-dy", "loramoe", "mola", "full")
+METHODS = ("slim", "slim-single", "slim-single-head", "lora", "lora-head", "dora", "dora-head", "mixlora",
+           "mixlora-dy", "loramoe", "mola", "full")
 
 # The SLIM configuration the benchmark measures as "slim": config.RECOMMENDED_ROUTING (every change to the paper's
 # routing is an option of SlimConfig; the paper-faithful variant is the ablation row "paper").
@@ -48,12 +51,27 @@ SLIM_BENCH: dict[str, Any] = dict(RECOMMENDED_ROUTING)
 
 # Other SLIM configurations measured like a method (own lr search, every seed): name -> overrides on top of SLIM_BENCH.
 # Their records carry the variant's name as ``method``; they train with the registry's "slim".
-SLIM_VARIANTS: dict[str, dict[str, Any]] = {"slim-single": dict(SINGLE_EXPERT)}
+# The MLP (every method's default targets on the Llama-shaped base) and the output head (``lm_head``): what the
+# "-head" methods adapt. Full fine-tuning trains the head as well; the adapters of the other methods do not.
+HEAD_TARGETS: list[str] = ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "lm_head"]
+
+SLIM_VARIANTS: dict[str, dict[str, Any]] = {
+    "slim-single": dict(SINGLE_EXPERT),
+    "slim-single-head": {**SINGLE_EXPERT, "target_modules": HEAD_TARGETS},
+}
+
+# Baselines on other targets: name -> (registry method, the SLIM variant whose targets and trainable budget it takes)
+BASELINE_VARIANTS: dict[str, tuple[str, str]] = {
+    "lora-head": ("lora", "slim-single-head"),
+    "dora-head": ("dora", "slim-single-head"),
+}
 
 
 def registry_method(method: str) -> str:
     """The ``methods`` registry name a benchmark method trains with (a SLIM variant: "slim")."""
-    return "slim" if method in SLIM_VARIANTS else method
+    if method in SLIM_VARIANTS:
+        return "slim"
+    return BASELINE_VARIANTS[method][0] if method in BASELINE_VARIANTS else method
 
 
 # SLIM ablations: name -> overrides applied on top of SLIM_BENCH
@@ -179,6 +197,11 @@ def method_overrides(method: str, base_model: Any) -> dict[str, Any]:
         return {**SLIM_BENCH, **SLIM_VARIANTS[method]}
     if method in ("lora", "dora"):  # the MoE baselines keep their default sizes (8 experts of rank 16)
         return methods.budget_overrides(method, base_model, methods.make_config("slim", **SLIM_BENCH))
+    if method in BASELINE_VARIANTS:  # the targets and trainable budget of the SLIM variant it is compared with
+        base_method, variant = BASELINE_VARIANTS[method]
+        slim = method_overrides(variant, base_model)
+        return {**methods.budget_overrides(base_method, base_model, methods.make_config("slim", **slim)),
+                "target_modules": list(slim["target_modules"])}
     return {}
 
 
@@ -336,7 +359,7 @@ def plot_pareto(records: Sequence[dict[str, Any]], summary: dict[str, Any], path
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 5))
-    colors = plt.get_cmap("tab10")
+    colors = plt.get_cmap("tab20" if len(METHODS) > 10 else "tab10")
     seeds = summary.get("profile", {}).get("lr_search_seeds") or [0]
     for i, method in enumerate(METHODS):
         by_lr: dict[float, list[tuple[float, float]]] = {}
@@ -346,7 +369,7 @@ def plot_pareto(records: Sequence[dict[str, Any]], summary: dict[str, Any], path
         grid = [(lr, _mean([p[0] for p in ps]), _mean([p[1] for p in ps])) for lr, ps in sorted(by_lr.items())]
         if not grid:
             continue
-        c = colors(i % 10)
+        c = colors(i % colors.N)
         if len(grid) > 1:
             ax.plot([g[1] for g in grid], [g[2] for g in grid], "--", marker=".", ms=5, color=c, alpha=0.5, lw=1)
         entry = summary["groups"].get(f"{method}|mds")
