@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from slimpeft.cli import app
@@ -100,6 +101,24 @@ def test_train_other_methods(tiny_base, tmp_path, method):
     assert cfg["args"]["method"] == method and (out / "adapter" / "adapter_config.json").is_file()
 
 
+def test_train_preset_single_head_adapts_and_reloads_the_output_head(tiny_base, tmp_path):
+    from slimpeft.training import load_run
+
+    out = tmp_path / "head"
+    res = runner.invoke(app, ["train", "--base", str(tiny_base), "--out", str(out), "--preset", "single-head",
+                              "--steps", "2", "--batch-size", "4", "--set", "r=4", "--set", "alpha=8", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    meta = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert meta["config"]["adapt_output_head"] is True
+    assert "lm_head" in meta["layers"] and len(meta["layers"]) == 1 + 3 * 2  # the tiny base: 2 layers x 3 MLP
+    model, tok, _ = load_run(str(out))
+    assert "lm_head" in model.slim_layers()
+    ids = tok("a short test", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False)
+    assert gen.shape[1] == ids.shape[1] + 2
+
+
 def test_train_preset_single_with_set_on_top(tiny_base, tmp_path):
     from slimpeft import SINGLE_EXPERT
 
@@ -110,7 +129,7 @@ def test_train_preset_single_with_set_on_top(tiny_base, tmp_path):
     cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())["config"]
     assert cfg["n_lora_experts"] == 1 and cfg["yield_in_training"] is False and cfg["ood_source"] == "prepass"
     assert (cfg["r"], cfg["alpha"]) == (4, 8) and SINGLE_EXPERT["r"] == 128  # --set wins over the preset
-    for argv, msg in ((["--preset", "huge"], "--preset 'huge': unknown; choose from paper, recommended, single"),
+    for argv, msg in ((["--preset", "huge"], "--preset 'huge': unknown; choose from paper, recommended, single, single-head"),
                       (["--preset", "single", "--method", "lora"], "is a SLIM configuration; --method is 'lora'")):
         bad = runner.invoke(app, ["train", "--base", str(tiny_base), "--out", str(tmp_path / "x"), *argv])
         assert bad.exit_code == 2 and msg in bad.output

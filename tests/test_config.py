@@ -30,6 +30,7 @@ def test_defaults_follow_the_paper():
         ({"router_lr_scale": 10**400}, r"`router_lr_scale`=1000\d+ must be a finite number > 0"),
         ({"router_lr_scale": 0}, r"`router_lr_scale`=0 must be a finite number > 0"),
         ({"yield_in_training": 1}, r"`yield_in_training`=1 must be true or false"),
+        ({"adapt_output_head": "yes"}, r"`adapt_output_head`='yes' must be true or false"),
     ],
 )
 def test_invalid_fields_name_field_value_and_allowed(kwargs, pattern):

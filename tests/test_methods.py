@@ -516,3 +516,19 @@ def test_budget_overrides_give_every_method_slims_budget():
             assert r < 1 or abs(methods.trainable_budget(name, model, **{**ov, "r": r}) - budget) >= gap, (name, r)
     with pytest.raises(ValueError, match="unknown method"):
         methods.budget_overrides("nope", model)
+
+
+def test_budget_overrides_give_lora_slims_targets_with_the_output_head():
+    """SLIM adapting the output head: LoRA/DoRA adapt the same layers (head included) at the same budget."""
+    model = tiny_llama()
+    slim = SlimConfig(r=4, n_lora_experts=1, adapt_output_head=True)
+    budget = methods.trainable_budget("slim", model, **slim.to_dict())
+    plain = methods.trainable_budget("slim", model, **{**slim.to_dict(), "adapt_output_head": False})
+    assert budget - plain == 3 * 32 + 4 * (32 + 97)  # the head's router rows (3 x d_in) and its LoRA expert
+    for name in ("lora", "dora"):
+        ov = methods.budget_overrides(name, model, slim)
+        assert ov["target_modules"][-1] == "lm_head" and len(ov["target_modules"]) == 2 * 3 + 1
+        built = methods.build(name, tiny_llama(), **ov)
+        n = sum(p.numel() for p in built.parameters() if p.requires_grad)
+        assert n == methods.trainable_budget(name, model, **ov) and abs(n - budget) < 32 + 97 + 2 * (32 + 64)
+    assert "target_modules" not in methods.budget_overrides("lora", model, SlimConfig(r=4))

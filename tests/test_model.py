@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from conftest import FAMILIES, model_output, tiny_gpt2, tiny_llama
+from conftest import FAMILIES, model_output, tiny_bert, tiny_gpt2, tiny_llama
 from safetensors.torch import load_file, save_file
 
 from slimpeft import SlimConfig, SlimLinear, SlimModel, get_slim_model
@@ -391,6 +391,29 @@ def test_prepass_with_an_adapted_output_head(ids):
     assert gen.shape == (2, t + 3) and len(head) == 4
     for step in head[1:]:
         torch.testing.assert_close(step["d"], prompt_d)
+
+
+def test_adapt_output_head_adds_the_head_whatever_the_targets(ids):
+    from slimpeft.model import slim_targets
+
+    llama = tiny_llama()
+    names = slim_targets(llama, SlimConfig(adapt_output_head=True))
+    assert names == slim_targets(llama, SlimConfig(target_modules=["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+                                                                    "lm_head"]))
+    assert names[-1] == "lm_head" and len(names) == 7
+    assert slim_targets(llama, SlimConfig(target_modules=["lm_head"], adapt_output_head=True)) == ["lm_head"]
+    gpt2 = get_slim_model(tiny_gpt2(), SlimConfig(**SMALL, adapt_output_head=True))
+    assert "lm_head" in gpt2.slim_layers()
+    with pytest.raises(ValueError, match=r"adapt_output_head.*BertModel.*no linear output head"):
+        slim_targets(tiny_bert(), SlimConfig(adapt_output_head=True))
+    # without the scoring pass the head scores what it sees (the last position under generate's logits_to_keep)
+    model = get_slim_model(tiny_llama(), SlimConfig(**SMALL, adapt_output_head=True, ood_source="max",
+                                                    ood_pooling="sequence", ood_score="standardized"))
+    _train_steps(model, ids, n=2)
+    with torch.no_grad():
+        gen = model.generate(input_ids=ids[:2], attention_mask=torch.ones_like(ids[:2]), do_sample=False,
+                             max_new_tokens=3, min_new_tokens=3, pad_token_id=0)
+    assert gen.shape == (2, ids.shape[1] + 3)
 
 
 def test_prepass_fits_the_clusters_on_the_base_hidden_states_once_per_step(ids):

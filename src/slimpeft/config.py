@@ -65,9 +65,12 @@ SINGLE_EXPERT: dict[str, Any] = {"n_lora_experts": 1, "r": 128, "alpha": 256.0, 
                                  "mask_mode": "none", "yield_in_training": False}
 
 # Named starting points (`slim train --preset NAME`; explicit overrides apply on top): the paper's defaults, the
-# recommended routing, and the recommended routing with one LoRA expert.
+# recommended routing, the recommended routing with one LoRA expert, and that expert on the output head as well
+# (the forgetting benchmark's slim-single-head).
 PRESETS: dict[str, dict[str, Any]] = {"paper": {}, "recommended": dict(RECOMMENDED_ROUTING),
-                                      "single": {**RECOMMENDED_ROUTING, **SINGLE_EXPERT}}
+                                      "single": {**RECOMMENDED_ROUTING, **SINGLE_EXPERT},
+                                      "single-head": {**RECOMMENDED_ROUTING, **SINGLE_EXPERT,
+                                                      "adapt_output_head": True}}
 
 
 @dataclass
@@ -87,6 +90,12 @@ class SlimConfig:
             "help": "Layers to adapt: a string is a regex that must fullmatch the module name; a list holds exact "
             "names or dotted suffixes. None: the MLP projections of the model family."
         },
+    )
+    adapt_output_head: bool = field(
+        default=False,
+        metadata={"help": "Also adapt the model's output head (get_output_embeddings(), e.g. lm_head), whatever "
+                  "target_modules says. With ood_source='prepass' the head routes on the other layers' score (it sees "
+                  "one position per sequence under logits_to_keep, so it scores nothing itself)."},
     )
     n_clusters: int = field(default=16, metadata={"help": "Sliding-clustering centres per adapted layer."})
     cluster_momentum: float = field(
@@ -251,7 +260,7 @@ class SlimConfig:
         if self.ood_source == "prepass" and self.ood_pooling == "token":
             errs.append("`ood_source`='prepass' needs `ood_pooling` 'sequence' or 'causal' (tokens generated with a "
                         "KV cache keep the prompt's score; a per-token score would need the base model's own cache)")
-        for name in ("mask_rescale", "yield_in_training"):
+        for name in ("mask_rescale", "yield_in_training", "adapt_output_head"):
             if not isinstance(getattr(self, name), bool):
                 errs.append(f"`{name}`={getattr(self, name)!r} must be true or false")
         tm = self.target_modules

@@ -123,7 +123,7 @@ _FAST_EVAL_FIELDS = frozenset({
     "r", "alpha", "n_lora_experts", "n_identity_experts", "top_k", "target_modules", "n_clusters",
     "cluster_momentum", "distance", "ood_score", "threshold_std", "ood_pooling", "ood_source", "yield_strength",
     "identity_gate", "mask_rate", "mask_mode", "mask_rescale", "inference_mask", "l1_weight", "balance_coef",
-    "router_init_std", "router_lr_scale", "seed", "spread_floor", "yield_in_training",
+    "router_init_std", "router_lr_scale", "seed", "spread_floor", "yield_in_training", "adapt_output_head",
 })
 
 

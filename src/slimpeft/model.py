@@ -89,6 +89,26 @@ def resolve_targets(model: nn.Module, target_modules: str | list[str] | None) ->
     return names
 
 
+def output_head_name(model: nn.Module) -> str:
+    """Name of the model's output head (``get_output_embeddings()``); ValueError when it has no linear head."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    name = next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
+    if name is None or not is_adaptable(head):
+        raise ValueError(f"`adapt_output_head`=True but the model ({type(model).__name__}) has no linear output head "
+                         f"(get_output_embeddings() gives {type(head).__name__})")
+    return name
+
+
+def slim_targets(model: nn.Module, config: SlimConfig) -> list[str]:
+    """Full names of the layers SLIM adapts: ``target_modules``, and the output head with ``adapt_output_head``."""
+    names = resolve_targets(model, config.target_modules)
+    if config.adapt_output_head:
+        head = output_head_name(model)
+        names = names if head in names else [*names, head]
+    return names
+
+
 def set_module(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
@@ -530,5 +550,4 @@ def inject(model: nn.Module, config: SlimConfig, names: list[str]) -> SlimModel:
 def get_slim_model(model: nn.Module, config: SlimConfig | None = None) -> SlimModel:
     """Freeze ``model`` and inject SLIM layers into its target modules (default: the family's MLP projections)."""
     config = config or SlimConfig()
-    names = resolve_targets(model, config.target_modules)
-    return inject(model, config, names)
+    return inject(model, config, slim_targets(model, config))

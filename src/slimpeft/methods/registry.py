@@ -20,7 +20,7 @@ from torch import nn
 
 from ..config import SlimConfig
 from ..layer import base_shape
-from ..model import SlimModel, get_slim_model, resolve_targets
+from ..model import SlimModel, get_slim_model, resolve_targets, slim_targets
 from .common import load_moe
 from .config import (
     DoraMethodConfig,
@@ -82,7 +82,7 @@ class _Method:
 def _slim_trainable(model: nn.Module, cfg: SlimConfig) -> int:
     """Per adapted linear (i -> o): router (n_lora + n_identity)*i + experts n_lora*r*(i + o)."""
     total = 0
-    for n in resolve_targets(model, cfg.target_modules):
+    for n in slim_targets(model, cfg):
         i, o = base_shape(model.get_submodule(n))
         total += cfg.n_experts * i + cfg.n_lora_experts * cfg.r * (i + o)
     return total
@@ -166,13 +166,17 @@ def trainable_budget(name: str, model: nn.Module, **overrides: Any) -> int:
 def budget_overrides(name: str, model: nn.Module, slim_config: SlimConfig | None = None) -> dict[str, Any]:
     """``r`` and ``alpha`` (= 2r, the scale SLIM uses) giving method ``name`` the trainable budget of SLIM with
     ``slim_config`` (default SlimConfig()) on ``model``: LoRA/DoRA the closest rank (``lora_rank_for_budget``), the
-    MoE baselines (default expert counts) the expert rank whose budget comes closest; {} for slim and full."""
+    MoE baselines (default expert counts) the expert rank whose budget comes closest; {} for slim and full.
+    LoRA/DoRA also get SLIM's ``target_modules`` (the full layer names) when SLIM's are not the family default or
+    include the output head (``adapt_output_head``), so that they adapt the same layers."""
     if name in ("slim", "full"):
         _method(name)
         return {}
     slim_config = slim_config or SlimConfig()
     if name in ("lora", "dora"):
         r = lora_rank_for_budget(model, slim_config=slim_config, dora=name == "dora")
+        if slim_config.target_modules is not None or slim_config.adapt_output_head:
+            return {"r": r, "alpha": 2.0 * r, "target_modules": slim_targets(model, slim_config)}
     else:
         budget = _slim_trainable(model, slim_config)
         r = min(range(1, 257), key=lambda r: abs(trainable_budget(name, model, r=r) - budget))
@@ -189,7 +193,7 @@ def lora_rank_for_budget(model: nn.Module, budget: int | None = None, *, slim_co
     slim_config = slim_config or SlimConfig()
     if budget is None:
         budget = _slim_trainable(model, slim_config)
-    targets = target_modules if target_modules is not None else slim_config.target_modules
-    shapes = [base_shape(model.get_submodule(n)) for n in resolve_targets(model, targets)]
+    names = resolve_targets(model, target_modules) if target_modules is not None else slim_targets(model, slim_config)
+    shapes = [base_shape(model.get_submodule(n)) for n in names]
     extra = sum(o for _, o in shapes) if dora else 0
     return max(1, round((budget - extra) / sum(i + o for i, o in shapes)))
