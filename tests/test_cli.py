@@ -106,7 +106,8 @@ def test_train_preset_single_head_adapts_and_reloads_the_output_head(tiny_base, 
 
     out = tmp_path / "head"
     res = runner.invoke(app, ["train", "--base", str(tiny_base), "--out", str(out), "--preset", "single-head",
-                              "--steps", "2", "--batch-size", "4", "--set", "r=4", "--set", "alpha=8", "--no-progress"])
+                              "--steps", "2", "--batch-size", "4", "--set", "r=4", "--set", "alpha=8",
+                              "--no-progress"])
     assert res.exit_code == 0, res.output
     meta = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert meta["config"]["adapt_output_head"] is True
@@ -129,7 +130,8 @@ def test_train_preset_single_with_set_on_top(tiny_base, tmp_path):
     cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())["config"]
     assert cfg["n_lora_experts"] == 1 and cfg["yield_in_training"] is False and cfg["ood_source"] == "prepass"
     assert (cfg["r"], cfg["alpha"]) == (4, 8) and SINGLE_EXPERT["r"] == 128  # --set wins over the preset
-    for argv, msg in ((["--preset", "huge"], "--preset 'huge': unknown; choose from paper, recommended, single, single-head"),
+    known = "paper, recommended, single, single-head"
+    for argv, msg in ((["--preset", "huge"], f"--preset 'huge': unknown; choose from {known}"),
                       (["--preset", "single", "--method", "lora"], "is a SLIM configuration; --method is 'lora'")):
         bad = runner.invoke(app, ["train", "--base", str(tiny_base), "--out", str(tmp_path / "x"), *argv])
         assert bad.exit_code == 2 and msg in bad.output
