@@ -123,9 +123,10 @@ def train(
     set_: Annotated[list[str] | None, typer.Option("--set", help="method config override key=value "
                                                       "(repeatable), e.g. --set r=8 --set yield_strength=4")] = None,
     preset: Annotated[str, typer.Option(help="--method slim only: 'paper' (SlimConfig's defaults), 'recommended' "
-                                             "(the routing measured best, BENCHMARKS.md section 4) or 'single' "
+                                             "(the routing measured best, BENCHMARKS.md section 4), 'single' "
                                              "(recommended + one LoRA expert of rank 128: learned as much as LoRA "
-                                             "there); --set applies on top")] = "paper",
+                                             "there) or 'single-head' (single, adapting the output head as well); "
+                                             "--set applies on top")] = "paper",
     resume: Annotated[bool, typer.Option(help="resume from the last complete checkpoint in the run directory")
                       ] = False,
     deepspeed: Annotated[str, typer.Option(help="DeepSpeed JSON config, e.g. configs/deepspeed/zero3.json "
