@@ -416,6 +416,54 @@ def test_adapt_output_head_adds_the_head_whatever_the_targets(ids):
     assert gen.shape == (2, ids.shape[1] + 3)
 
 
+def test_merged_inference_equals_the_routed_path_and_skips_it_when_nothing_is_flagged(ids):
+    """merged_inference: a call the scoring pass flags nothing of runs every adapted layer (the output head
+    included) as one matmul with W + (alpha/r) B A and gives the routed path's logits and generated tokens; a
+    flagged call takes the routed path; training and gradients never merge; a changed adapter is re-merged."""
+    cfg = dict(**{**SMALL, "n_lora_experts": 1}, ood_source="prepass", ood_pooling="sequence",
+               ood_score="standardized", threshold_std=2.0,
+               yield_strength=8.0, identity_gate="yield", mask_mode="none",
+               adapt_output_head=True)
+    ref = get_slim_model(tiny_llama(), SlimConfig(**cfg))
+    _train_steps(ref, ids, n=3)
+    _randomise_b(ref)
+    merged = get_slim_model(tiny_llama(), SlimConfig(**cfg, merged_inference=True))
+    merged.load_state_dict(ref.state_dict())
+    merged.eval()
+    calls: list[str] = []
+    for name, layer in merged.slim_layers().items():
+        layer.base_layer.register_forward_hook(lambda m, a, o, name=name: calls.append(name))
+    in_domain = ids  # what the clusters were fitted on: not flagged
+    far = torch.full_like(ids, 5)  # one token repeated: far from every cluster
+    for batch, expect_merged in ((in_domain, True), (far, False)):
+        mask = torch.ones_like(batch)
+        calls.clear()
+        with torch.no_grad():
+            got = merged(input_ids=batch, attention_mask=mask).logits
+            d = merged.ctx.fixed_score
+            want = ref(input_ids=batch, attention_mask=mask).logits
+        assert bool((d > 0).any()) != expect_merged
+        # merged: the base layers run in the scoring pass only; routed: in both passes
+        assert len(calls) == len(merged.slim_layers()) * (1 if expect_merged else 2)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+        with torch.no_grad():
+            g1 = merged.generate(input_ids=batch[:2], attention_mask=mask[:2], do_sample=False, max_new_tokens=4,
+                                 min_new_tokens=4, pad_token_id=0)
+            g2 = ref.generate(input_ids=batch[:2], attention_mask=mask[:2], do_sample=False, max_new_tokens=4,
+                              min_new_tokens=4, pad_token_id=0)
+        assert torch.equal(g1, g2)
+    calls.clear()
+    merged(input_ids=in_domain, attention_mask=torch.ones_like(in_domain)).logits.sum().backward()  # gradients on
+    assert len(calls) == 2 * len(merged.slim_layers())
+    _randomise_b(merged, seed=1)
+    _randomise_b(ref, seed=1)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=in_domain).logits, ref(input_ids=in_domain).logits,
+                                   atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match=r"merged_inference.*needs n_lora_experts=1.*got 8"):
+        SlimConfig(merged_inference=True, ood_source="prepass", ood_pooling="sequence", identity_gate="yield")
+
+
 def test_prepass_fits_the_clusters_on_the_base_hidden_states_once_per_step(ids):
     """With lr 0 and zero adapters the adapted model is the base, so a per-layer model fits the same clusters on the
     same hidden states: the scoring pass must update each layer's clusters exactly as often, on the base's states."""

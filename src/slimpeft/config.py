@@ -155,6 +155,14 @@ class SlimConfig:
                   "only. The training data is in-domain by definition, and a training sequence the clusters flag "
                   "would otherwise teach the adapters nothing."},
     )
+    merged_inference: bool = field(
+        default=False,
+        metadata={"help": "Inference only (eval mode, no gradient), for one LoRA expert with identity_gate='yield' "
+                  "and ood_source='prepass': a call whose sequences the scoring pass flags none of runs each "
+                  "adapted layer as one matmul with a cached merged weight W + (alpha/r) B A (the base model's "
+                  "cost; the same output up to float rounding); flagged calls take the routed path. Costs one "
+                  "extra copy of every adapted weight in memory while the model is used for inference."},
+    )
     identity_gate: IdentityGate = field(
         default="router",
         metadata={"help": "How identity experts enter the top-K. 'router' (paper): their router logits plus "
@@ -260,7 +268,12 @@ class SlimConfig:
         if self.ood_source == "prepass" and self.ood_pooling == "token":
             errs.append("`ood_source`='prepass' needs `ood_pooling` 'sequence' or 'causal' (tokens generated with a "
                         "KV cache keep the prompt's score; a per-token score would need the base model's own cache)")
-        for name in ("mask_rescale", "yield_in_training", "adapt_output_head"):
+        if self.merged_inference is True and (self.n_lora_experts != 1 or self.identity_gate != "yield"
+                                              or self.ood_source != "prepass"):
+            errs.append(f"`merged_inference`=True needs n_lora_experts=1, identity_gate='yield' and "
+                        f"ood_source='prepass' (got {self.n_lora_experts}, {self.identity_gate!r}, "
+                        f"{self.ood_source!r}): only then is an unflagged token's output base + B A x")
+        for name in ("mask_rescale", "yield_in_training", "adapt_output_head", "merged_inference"):
             if not isinstance(getattr(self, name), bool):
                 errs.append(f"`{name}`={getattr(self, name)!r} must be true or false")
         tm = self.target_modules

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .clustering import SlidingClusters
@@ -48,6 +49,8 @@ class RoutingContext:
     # (b, t) of the scoring pass's call: a layer that sees fewer positions (an output head under logits_to_keep)
     # does not score, and routes on the last positions of the others' score
     score_lead: tuple[int, int] | None = None
+    # merged_inference: the scoring pass flagged none of this call's sequences (set by the model, one check per call)
+    unflagged: bool = False
 
     def reset(self, attention_mask: torch.Tensor | None, past_length: int = 0) -> None:
         self.attention_mask = attention_mask
@@ -57,6 +60,7 @@ class RoutingContext:
         self.fixed_score = None
         self.fixed_u = None
         self.aux_losses = []
+        self.unflagged = False
 
 
 def valid_token_mask(attention_mask: torch.Tensor | None, lead: torch.Size) -> torch.Tensor | None:
@@ -124,6 +128,7 @@ _FAST_EVAL_FIELDS = frozenset({
     "cluster_momentum", "distance", "ood_score", "threshold_std", "ood_pooling", "ood_source", "yield_strength",
     "identity_gate", "mask_rate", "mask_mode", "mask_rescale", "inference_mask", "l1_weight", "balance_coef",
     "router_init_std", "router_lr_scale", "seed", "spread_floor", "yield_in_training", "adapt_output_head",
+    "merged_inference",
 })
 
 
@@ -159,9 +164,14 @@ class SlimLinear(nn.Module):
         self._pool_state: tuple[torch.Tensor, torch.Tensor, int] | None = None
         self._init_seen: tuple | None = None  # (version, tensor, value) of clusters.initialized
         self._eval_cache: tuple[tuple, EvalWeights] | None = None
+        self._merged_cache: tuple[EvalWeights, tuple, torch.Tensor] | None = None  # merged_inference's weight
 
     # ------------------------------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.ctx.unflagged and self.ctx.phase == "route" and not self.disabled and not args and not kwargs \
+                and self.config.merged_inference and isinstance(self.base_layer, nn.Linear) and self._fast_eval():
+            # every token goes to the one LoRA expert with weight 1: base + (alpha/r) B A x in one matmul
+            return F.linear(x, self._merged_weight(), self.base_layer.bias)
         result = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return result
@@ -273,6 +283,16 @@ class SlimLinear(nn.Module):
                              A=A, B=B)
         self._eval_cache = (key, ew)
         return ew
+
+    def _merged_weight(self) -> torch.Tensor:
+        """(o, i) W + (alpha/r) B A in the base weight's dtype, cached until the adapter or the base weight change."""
+        ew, w = self._eval_weights(), self.base_layer.weight
+        key = (w._version, w.data_ptr(), w.dtype)
+        if self._merged_cache is None or self._merged_cache[0] is not ew or self._merged_cache[1] != key:
+            with torch.no_grad():
+                delta = (ew.A.reshape(-1, self.d_in).T @ ew.B_cat).T  # (o, i): sum_e B_e A_e, the scale in B_cat
+                self._merged_cache = (ew, key, (w.float() + delta.to(w.device)).to(w.dtype))
+        return self._merged_cache[2]
 
     # ------------------------------------------------------------------------------------------ parts
     @torch.no_grad()

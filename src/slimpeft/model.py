@@ -322,6 +322,7 @@ class SlimModel(AdaptedModel):
             d, u = self._prompt_score
             ctx.fixed_score = d.repeat_interleave(t)
             ctx.fixed_u = None if u is None else u.repeat_interleave(t)
+            ctx.unflagged = self._merge_flag(d)
             return
         kw = {k: v for k, v in kwargs.items() if k not in ("labels", "past_key_values", "cache", "num_items_in_batch")}
         kw["use_cache"] = False
@@ -347,9 +348,17 @@ class SlimModel(AdaptedModel):
         if d is None:  # no layer scored (no identity experts): nothing to yield
             d = torch.zeros(b * t, device=ids.device)
         ctx.fixed_score, ctx.fixed_u = d, u
+        ctx.unflagged = self._merge_flag(d)
         # the last position's score is the whole prompt's (sequence pooling: every position's; causal: the mean
         # over all real tokens, padding weighted out); the KV-cache steps that follow route on it
         self._prompt_score = (d.view(b, t)[:, -1], None if u is None else u.view(b, t)[:, -1])
+
+    def _merge_flag(self, d: torch.Tensor) -> bool:
+        """merged_inference: True when no sequence of this call is flagged (one device sync per call, inference
+        only; the layers then run their merged weights)."""
+        if not self.slim_config.merged_inference or self.training or torch.is_grad_enabled():
+            return False
+        return not bool((d > 0).any())
 
     def aux_loss(self) -> torch.Tensor:
         """l1_weight * sum of the layers' size-normalised L1 penalties (+ any routing losses of this pass)."""
