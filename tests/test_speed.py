@@ -207,6 +207,10 @@ def test_speed_bench_records_every_ratio_and_target(tmp_path):
     assert set(tr) == {"slim", "slim-recommended", "slim-single", "lora", "mixlora", "loramoe", "full"}
     assert tr["slim-single"]["trainable_params"] < tr["slim"]["trainable_params"]  # the same experts, 3 router rows
     assert result["infer_slim_single_over_base_tokens_per_s"] > 0
+    assert result["infer_slim_single_merged_over_base_tokens_per_s"] > 0
+    for n in ("slim-recommended", "slim-single", "slim-single-merged"):  # prompts the scoring pass flags, counted
+        assert 0 <= result["infer"][n]["batch2_flagged"] <= 2
+    assert "batch2_flagged" not in result["infer"]["slim"]  # per-token routing: no scoring pass
     assert result["train_slim_recommended_over_lora_tokens_per_s"] == pytest.approx(
         tr["slim-recommended"]["tokens_per_s"] / tr["lora"]["tokens_per_s"])
     # LoRA runs at SLIM's trainable budget (within one rank's worth of parameters)

@@ -153,7 +153,8 @@ def print_layer_table(result: dict) -> None:
 # routing with config.SINGLE_EXPERT (one LoRA expert of the mixture's whole rank), the forgetting benchmark's
 # slim-single
 TRAIN_METHODS = ("slim", "slim-recommended", "slim-single", "lora", "mixlora", "loramoe", "full")
-INFER_METHODS = ("base", "lora", "slim", "slim-recommended", "slim-single")
+# "slim-single-merged": slim-single with merged_inference (unflagged calls run merged weights; generation only)
+INFER_METHODS = ("base", "lora", "slim", "slim-recommended", "slim-single", "slim-single-merged")
 
 
 @dataclass
@@ -201,6 +202,8 @@ def build_method(name: str, base: str, seed: int = 0, *, wide_layers: int = 0) -
         return methods.build("slim", model, **RECOMMENDED_ROUTING)
     if name == "slim-single":
         return methods.build("slim", model, **PRESETS["single"])
+    if name == "slim-single-merged":
+        return methods.build("slim", model, **PRESETS["single"], merged_inference=True)
     return methods.build(name, model, **(methods.budget_overrides(name, model) if name == "lora" else {}))
 
 
@@ -317,6 +320,11 @@ def infer_benchmark(args: ModelBenchArgs, names: tuple[str, ...] = INFER_METHODS
         for n in names:
             out[n][f"batch{b}_s"] = t[n]
             out[n][f"batch{b}_tokens_per_s"] = b * args.new_tokens / t[n]
+            cfg = getattr(models[n], "slim_config", None)
+            if cfg is not None and cfg.ood_source == "prepass":  # the prompts the scoring pass flags (routed path)
+                with torch.no_grad():
+                    models[n](input_ids=prompt, attention_mask=torch.ones_like(prompt))
+                out[n][f"batch{b}_flagged"] = int((models[n].ctx.fixed_score.view(b, -1)[:, -1] > 0).sum())
     return out
 
 
