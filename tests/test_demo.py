@@ -9,12 +9,16 @@ import pytest
 from slimpeft import demo
 
 
-def test_demo_runs_lora_slim_and_slim_single(tiny_base, tmp_path):
+def test_demo_runs_lora_slim_and_slim_single_head(tiny_base, tmp_path):
     rows = demo.run_demo(base=str(tiny_base), out=str(tmp_path), steps=2, limit=4)
-    assert list(rows) == ["lora", "slim", "slim-single"]
+    assert list(rows) == ["lora", "slim", "lora-head", "slim-single-head"]
     assert rows["slim"]["overrides"] == demo.SLIM_DEMO
-    assert rows["slim-single"]["overrides"]["n_lora_experts"] == 1
-    assert rows["slim-single"]["overrides"]["yield_in_training"] is False
+    single = rows["slim-single-head"]["overrides"]
+    assert single["n_lora_experts"] == 1 and single["yield_in_training"] is False and single["adapt_output_head"]
+    assert "target_modules" not in rows["lora"]["overrides"]  # the family's MLP, as SLIM
+    assert rows["lora-head"]["overrides"]["target_modules"][-1] == "lm_head"  # as slim-single-head
+    head_params = rows["slim-single-head"]["trainable_params"]
+    assert abs(rows["lora-head"]["trainable_params"] - head_params) < 0.02 * head_params
     for name, r in rows.items():
         assert (tmp_path / name / "adapter" / "adapter_config.json").is_file()  # each run keeps its adapter
         assert r["retention"] == pytest.approx(r["general_after"] / r["general_before"])

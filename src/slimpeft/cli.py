@@ -309,8 +309,9 @@ def bench_forgetting(
     out: Annotated[str, typer.Option(help="results folder (records/, summary.json, pareto.png); existing "
                                           "records are kept and not measured again; default results/forgetting "
                                           "(quick, pareto and seeds share it) or results/forgetting-full")] = "",
-    methods: Annotated[str, typer.Option(help="comma-separated methods (default: all nine: slim, slim-single and "
-                                              "the seven baselines); the summary covers every record in --out")] = "",
+    methods: Annotated[str, typer.Option(help="comma-separated methods (default: all twelve: slim, slim-single, "
+                                              "slim-single-head, the seven baselines, lora-head and dora-head); the "
+                                              "summary covers every record in --out")] = "",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="list the planned runs and exit")] = False,
 ) -> None:
     """Learning vs forgetting of SLIM and every baseline (MDS/SDS, seeds, LR grid, ablations, Pareto plot)."""
