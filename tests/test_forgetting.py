@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from typer.testing import CliRunner
@@ -182,7 +183,15 @@ def test_cli_dry_run_lists_the_plan(tiny_base):
         app, ["bench", "forgetting", "--profile", "quick", "--base", str(tiny_base), "--dry-run"])
     assert res.exit_code == 0, res.output
     lines = [ln for ln in res.output.splitlines() if "__" in ln]
-    assert len(lines) == len(fg.METHODS) + len(fg.PROFILES["quick"].ablations)
+    quick = fg.PROFILES["quick"]
+    assert len(lines) == len(quick.methods) + len(quick.ablations) == len(fg.METHODS) - 2 + 1
+    def planned(output: str) -> set[str]:  # the method of each planned run (a progress bar may precede the first)
+        return {re.search(r"([a-z][a-z-]*)__(mds|ablation)", ln).group(1) for ln in output.splitlines() if "__" in ln}
+
+    assert planned(res.output) == set(quick.methods) and {"slim-single", "dora-head"}.isdisjoint(quick.methods)
+    seeds = CliRunner(env={"COLUMNS": "200"}).invoke(
+        app, ["bench", "forgetting", "--profile", "seeds", "--base", str(tiny_base), "--dry-run"])
+    assert planned(seeds.output) == set(fg.METHODS)
     bad = CliRunner().invoke(app, ["bench", "forgetting", "--profile", "huge", "--base", str(tiny_base)])
     assert bad.exit_code != 0 and "--profile 'huge': unknown" in bad.output
 

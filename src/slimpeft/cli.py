@@ -309,16 +309,17 @@ def bench_forgetting(
     out: Annotated[str, typer.Option(help="results folder (records/, summary.json, pareto.png); existing "
                                           "records are kept and not measured again; default results/forgetting "
                                           "(quick, pareto and seeds share it) or results/forgetting-full")] = "",
-    methods: Annotated[str, typer.Option(help="comma-separated methods (default: all twelve: slim, slim-single, "
-                                              "slim-single-head, the seven baselines, lora-head and dora-head); the "
-                                              "summary covers every record in --out")] = "",
+    methods: Annotated[str, typer.Option(help="comma-separated methods (default: the profile's: all twelve - slim, "
+                                              "slim-single, slim-single-head, the seven baselines, lora-head, "
+                                              "dora-head - except quick, which leaves out slim-single and "
+                                              "dora-head); the summary covers every record in --out")] = "",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="list the planned runs and exit")] = False,
 ) -> None:
     """Learning vs forgetting of SLIM and every baseline (MDS/SDS, seeds, LR grid, ablations, Pareto plot)."""
-    from .bench.forgetting import METHODS, run_benchmark
+    from .bench.forgetting import run_benchmark
 
     _setup_logging()
-    chosen = [m.strip() for m in methods.split(",") if m.strip()] or list(METHODS)
+    chosen = [m.strip() for m in methods.split(",") if m.strip()] or None  # None: the profile's methods
     try:
         out = out or ("results/forgetting-full" if profile == "full" else "results/forgetting")
         run_benchmark(profile, base=base, out=out, methods_=chosen, dry_run=dry_run, log=typer.echo)

@@ -140,6 +140,8 @@ class Profile:
     lr_search_seeds: tuple[int, ...] | None = field(
         default=None, metadata={"help": "seeds every grid point is run with; the chosen lr has the best downstream "
                                 "mean over them (None: the first headline seed alone)"})
+    methods: tuple[str, ...] = field(default=METHODS,
+                                     metadata={"help": "methods run when none are named (--methods)"})
 
     @property
     def search_seeds(self) -> tuple[int, ...]:
@@ -148,7 +150,9 @@ class Profile:
 
 PROFILES: dict[str, Profile] = {
     # ~20 minutes on 2 CPU cores: one seed, the middle grid point, MDS only, the paper-faithful ablation
-    "quick": Profile("quick", seeds=(0,), steps=250, limit=50, lr_points=(1,), sds=False, ablations=("paper",)),
+    # (without slim-single and dora-head, which slim-single-head and lora-head stand for there)
+    "quick": Profile("quick", seeds=(0,), steps=250, limit=50, lr_points=(1,), sds=False, ablations=("paper",),
+                     methods=tuple(m for m in METHODS if m not in ("slim-single", "dora-head"))),
     # quick's setting over the whole LR grid: the (downstream, retention) curve of each method, for the Pareto plot;
     # shares quick's records (same steps and test items), e.g. `--profile pareto --methods slim,lora`
     "pareto": Profile("pareto", seeds=(0,), steps=250, limit=50, lr_points=(0, 1, 2), sds=False, ablations=()),
@@ -450,14 +454,16 @@ def stale_records(existing: Sequence[dict[str, Any]], specs: Sequence[RunSpec], 
 
 
 def run_benchmark(profile: str | Profile = "quick", base: str = "assets/base", out: str | Path = "results/forgetting",
-                  methods_: Sequence[str] = METHODS, dry_run: bool = False,
+                  methods_: Sequence[str] | None = None, dry_run: bool = False,
                   log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run (or resume) the benchmark; returns the summary. ``dry_run`` only lists the planned runs."""
+    """Run (or resume) the benchmark; returns the summary. ``methods_`` None: the profile's methods. ``dry_run``
+    only lists the planned runs."""
     from ..training import load_base
 
     if isinstance(profile, str) and profile not in PROFILES:
         raise ValueError(f"--profile {profile!r}: unknown; choose from {', '.join(PROFILES)}")
     prof = PROFILES[profile] if isinstance(profile, str) else profile
+    methods_ = prof.methods if methods_ is None else methods_
     out = Path(out)
     base_model, _ = load_base(base)
     search = [s for s in plan(prof, base_model, methods_) if s.setting == "mds" and s.seed in prof.search_seeds]
