@@ -362,7 +362,7 @@ def plot_pareto(records: Sequence[dict[str, Any]], summary: dict[str, Any], path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 5))
+    fig, ax = plt.subplots(figsize=(8.5, 5.5))
     colors = plt.get_cmap("tab20" if len(METHODS) > 10 else "tab10")
     seeds = summary.get("profile", {}).get("lr_search_seeds") or [0]
     for i, method in enumerate(METHODS):
