@@ -192,6 +192,10 @@ def test_cli_dry_run_lists_the_plan(tiny_base):
     seeds = CliRunner(env={"COLUMNS": "200"}).invoke(
         app, ["bench", "forgetting", "--profile", "seeds", "--base", str(tiny_base), "--dry-run"])
     assert planned(seeds.output) == set(fg.METHODS)
+    sds = CliRunner(env={"COLUMNS": "200"}).invoke(
+        app, ["bench", "forgetting", "--profile", "sds", "--base", str(tiny_base), "--dry-run"])
+    sds_runs = [ln for ln in sds.output.splitlines() if "__sds-" in ln]
+    assert len(sds_runs) == 3 * len(fg.PROFILES["sds"].methods) and "lora-head" in fg.PROFILES["sds"].methods
     bad = CliRunner().invoke(app, ["bench", "forgetting", "--profile", "huge", "--base", str(tiny_base)])
     assert bad.exit_code != 0 and "--profile 'huge': unknown" in bad.output
 

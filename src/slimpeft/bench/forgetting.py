@@ -160,6 +160,11 @@ PROFILES: dict[str, Profile] = {
     # records of quick and pareto; about 2 hours on 2 CPU cores from scratch
     "seeds": Profile("seeds", seeds=(0, 1, 2), steps=250, limit=50, lr_points=(0, 1, 2), sds=False,
                      ablations=tuple(ABLATIONS), ablation_seeds=(0,)),
+    # SDS (one downstream task at a time) at each method's lr chosen by the MDS search, seed 0, in the folder of
+    # quick/pareto/seeds: the eight methods and the head pair (slim-single-head, lora-head)
+    "sds": Profile("sds", seeds=(0,), steps=250, limit=50, lr_points=(0, 1, 2), sds=True, ablations=(),
+                   methods=("slim", "slim-single-head", "lora", "lora-head", "dora", "mixlora", "mixlora-dy",
+                            "loramoe", "mola", "full")),
     # the real run: every grid point on the 3 seeds, the lr chosen on their mean
     "full": Profile("full", seeds=(0, 1, 2), steps=400, limit=None, lr_points=(0, 1, 2), sds=True,
                     ablations=tuple(ABLATIONS), lr_search_seeds=(0, 1, 2)),
