@@ -435,9 +435,14 @@ def test_merged_inference_equals_the_routed_path_and_skips_it_when_nothing_is_fl
         layer.base_layer.register_forward_hook(lambda m, a, o, name=name: calls.append(name))
     in_domain = ids  # what the clusters were fitted on: not flagged
     far = torch.full_like(ids, 5)  # one token repeated: far from every cluster
+    routed: list[str] = []  # layers that ran the routed eval path
+    for name, layer in merged.slim_layers().items():
+        layer._eval_forward = (lambda f, name=name: lambda *a, **k: (routed.append(name), f(*a, **k))[1])(
+            layer._eval_forward)
     for batch, expect_merged in ((in_domain, True), (far, False)):
         mask = torch.ones_like(batch)
         calls.clear()
+        routed.clear()
         with torch.no_grad():
             got = merged(input_ids=batch, attention_mask=mask).logits
             d = merged.ctx.fixed_score
@@ -446,6 +451,8 @@ def test_merged_inference_equals_the_routed_path_and_skips_it_when_nothing_is_fl
         # merged: the base layers run in the scoring pass only; routed: in both passes
         assert len(calls) == len(merged.slim_layers()) * (1 if expect_merged else 2)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+        # unflagged: merged weights; flagged with the yield above every LoRA logit: the base output, no routing
+        assert routed == []
         with torch.no_grad():
             g1 = merged.generate(input_ids=batch[:2], attention_mask=mask[:2], do_sample=False, max_new_tokens=4,
                                  min_new_tokens=4, pad_token_id=0)
@@ -455,6 +462,13 @@ def test_merged_inference_equals_the_routed_path_and_skips_it_when_nothing_is_fl
     calls.clear()
     merged(input_ids=in_domain, attention_mask=torch.ones_like(in_domain)).logits.sum().backward()  # gradients on
     assert len(calls) == 2 * len(merged.slim_layers())
+    with torch.no_grad():  # a yield too weak to beat the LoRA logits: the flagged call is routed, as without merging
+        for m in (merged, ref):
+            for layer in m.slim_layers().values():
+                layer.router.data[0] = 1e6 * layer.router.data[0].sign()
+        routed.clear()
+        torch.testing.assert_close(merged(input_ids=far).logits, ref(input_ids=far).logits, atol=1e-5, rtol=1e-4)
+    assert routed
     _randomise_b(merged, seed=1)
     _randomise_b(ref, seed=1)
     with torch.no_grad():

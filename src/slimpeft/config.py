@@ -160,8 +160,10 @@ class SlimConfig:
         metadata={"help": "Inference only (eval mode, no gradient), for one LoRA expert with identity_gate='yield' "
                   "and ood_source='prepass': a call whose sequences the scoring pass flags none of runs each "
                   "adapted layer as one matmul with a cached merged weight W + (alpha/r) B A (the base model's "
-                  "cost; the same output up to float rounding); flagged calls take the routed path. Costs one "
-                  "extra copy of every adapted weight in memory while the model is used for inference."},
+                  "cost; the same output up to float rounding); in a flagged call, a layer where every token's "
+                  "yield beats the LoRA expert's router logit (with n_identity_experts >= top_k) returns the base "
+                  "output, exactly; other calls take the routed path. Costs one extra copy of every adapted weight "
+                  "in memory while the model is used for inference."},
     )
     identity_gate: IdentityGate = field(
         default="router",

@@ -168,8 +168,9 @@ class SlimLinear(nn.Module):
 
     # ------------------------------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.ctx.unflagged and self.ctx.phase == "route" and not self.disabled and not args and not kwargs \
-                and self.config.merged_inference and isinstance(self.base_layer, nn.Linear) and self._fast_eval():
+        merged = (self.config.merged_inference and self.ctx.phase == "route" and not self.disabled
+                  and isinstance(self.base_layer, nn.Linear) and self._fast_eval())
+        if merged and self.ctx.unflagged and not args and not kwargs:
             # every token goes to the one LoRA expert with weight 1: base + (alpha/r) B A x in one matmul
             return F.linear(x, self._merged_weight(), self.base_layer.bias)
         result = self.base_layer(x, *args, **kwargs)
@@ -178,6 +179,13 @@ class SlimLinear(nn.Module):
         cfg = self.config
         lead = x.shape[:-1]
         xf = x.reshape(-1, self.d_in)  # (n, i)
+        if merged and cfg.n_identity_experts >= cfg.top_k and cfg.yield_strength > 0:
+            # flagged calls: where every token's yield beats the LoRA expert's router logit, the top-K holds identity
+            # experts only and the output is the base's, exactly (one small matvec and one check instead of routing)
+            d = self._ood_score(xf, lead, None)  # (n,) the scoring pass's score for these tokens
+            logit = xf.float() @ self.router_weight()[0].detach().float()  # (n,) the LoRA expert's router logit
+            if bool((cfg.yield_strength * d > logit).all()):
+                return result
         if self.ctx.phase == "score":  # the scoring pass of ood_source "prepass": score the base's hidden states
             if self.ctx.score_lead is None or xf.shape[0] == self.ctx.score_lead[0] * self.ctx.score_lead[1]:
                 self._ood_score(xf, lead, valid_token_mask(self.ctx.attention_mask, lead))
