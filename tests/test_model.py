@@ -436,9 +436,14 @@ def test_merged_inference_equals_the_routed_path_and_skips_it_when_nothing_is_fl
     in_domain = ids  # what the clusters were fitted on: not flagged
     far = torch.full_like(ids, 5)  # one token repeated: far from every cluster
     routed: list[str] = []  # layers that ran the routed eval path
+    def counted(name: str, f):
+        def wrapper(*a, **k):
+            routed.append(name)
+            return f(*a, **k)
+        return wrapper
+
     for name, layer in merged.slim_layers().items():
-        layer._eval_forward = (lambda f, name=name: lambda *a, **k: (routed.append(name), f(*a, **k))[1])(
-            layer._eval_forward)
+        layer._eval_forward = counted(name, layer._eval_forward)
     for batch, expect_merged in ((in_domain, True), (far, False)):
         mask = torch.ones_like(batch)
         calls.clear()
