@@ -153,7 +153,8 @@ def print_layer_table(result: dict) -> None:
 # routing with config.SINGLE_EXPERT (one LoRA expert of the mixture's whole rank), the forgetting benchmark's
 # slim-single
 TRAIN_METHODS = ("slim", "slim-recommended", "slim-single", "lora", "mixlora", "loramoe", "full")
-# "slim-single-merged": slim-single with merged_inference (unflagged calls run merged weights; generation only)
+# "slim-single-merged": slim-single with merged_inference (unflagged calls run merged weights, flagged ones where the
+# yield wins everywhere the base output; generation only)
 INFER_METHODS = ("base", "lora", "slim", "slim-recommended", "slim-single", "slim-single-merged")
 
 
