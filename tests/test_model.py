@@ -474,6 +474,20 @@ def test_merged_inference_equals_the_routed_path_and_skips_it_when_nothing_is_fl
         routed.clear()
         torch.testing.assert_close(merged(input_ids=far).logits, ref(input_ids=far).logits, atol=1e-5, rtol=1e-4)
     assert routed
+    # a mixed call (one token unflagged, d = 0; one flagged) whose LoRA logits are all negative: the unflagged token
+    # still gets its adapter (0 > logit must not count as the yield winning), the flagged one the base output
+    name = next(iter(merged.slim_layers()))
+    ml, rl = merged.slim_layers()[name], ref.slim_layers()[name]
+    x0 = torch.randn(ml.d_in, generator=torch.Generator().manual_seed(3))
+    x = torch.stack([x0, x0])[None]  # (1, 2, i): the same token twice
+    with torch.no_grad():
+        for layer, m in ((ml, merged), (rl, ref)):
+            layer.router.data[0] = -10.0 * x0  # logit = -10 s |x0|^2 < 0 on both tokens
+            m.ctx.reset(None)
+            m.ctx.fixed_score = torch.tensor([0.0, 5.0])
+        got, want, base = ml(x), rl(x), ml.base_layer(x)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(got[0, 0], base[0, 0]) and torch.equal(got[0, 1], base[0, 1])
     _randomise_b(merged, seed=1)
     _randomise_b(ref, seed=1)
     with torch.no_grad():

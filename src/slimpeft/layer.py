@@ -180,11 +180,12 @@ class SlimLinear(nn.Module):
         lead = x.shape[:-1]
         xf = x.reshape(-1, self.d_in)  # (n, i)
         if merged and cfg.n_identity_experts >= cfg.top_k and cfg.yield_strength > 0:
-            # flagged calls: where every token's yield beats the LoRA expert's router logit, the top-K holds identity
-            # experts only and the output is the base's, exactly (one small matvec and one check instead of routing)
+            # flagged calls: where every token is flagged (d > 0: its identity logits are the yield, else -inf) and its
+            # yield beats the LoRA expert's router logit, the top-K holds identity experts only and the output is the
+            # base's, exactly (one small matvec and one check instead of routing)
             d = self._ood_score(xf, lead, None)  # (n,) the scoring pass's score for these tokens
             logit = xf.float() @ self.router_weight()[0].detach().float()  # (n,) the LoRA expert's router logit
-            if bool((cfg.yield_strength * d > logit).all()):
+            if bool(((d > 0) & (cfg.yield_strength * d > logit)).all()):
                 return result
         if self.ctx.phase == "score":  # the scoring pass of ood_source "prepass": score the base's hidden states
             if self.ctx.score_lead is None or xf.shape[0] == self.ctx.score_lead[0] * self.ctx.score_lead[1]:
