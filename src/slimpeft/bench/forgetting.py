@@ -209,6 +209,8 @@ def method_overrides(method: str, base_model: Any) -> dict[str, Any]:
     if method in BASELINE_VARIANTS:  # the targets and trainable budget of the SLIM variant it is compared with
         base_method, variant = BASELINE_VARIANTS[method]
         slim = method_overrides(variant, base_model)
+        # budget_overrides names the layers in full; the variant's own target list (the same layers, resolved by the
+        # same rule) is what the records hold, so it replaces them
         return {**methods.budget_overrides(base_method, base_model, methods.make_config("slim", **slim)),
                 "target_modules": list(slim["target_modules"])}
     return {}
