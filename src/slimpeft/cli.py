@@ -264,11 +264,17 @@ def bench_layer(
     quick: Annotated[bool, typer.Option(help="fewer tokens and repetitions")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
     out: Annotated[str, typer.Option(help="JSON output path")] = "results/speed/layer.json",
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N (a GPU: synchronised timing, both dispatches)")
+                      ] = "cpu",
 ) -> None:
     """Layer forward+backward (SLIM / base / PEFT LoRA r=128) and fast vs exact DARE masking, side by side."""
-    from .bench.speed import print_layer_table, run_layer_bench
+    from .bench.speed import print_layer_table, resolve_device, run_layer_bench
 
-    result = run_layer_bench(quick=quick, out=Path(out))
+    try:
+        dev = resolve_device(device)
+    except ValueError as e:
+        _fail(str(e))
+    result = run_layer_bench(quick=quick, out=Path(out), device=dev)
     if as_json:
         typer.echo(json.dumps(result, sort_keys=True))
     else:
@@ -284,15 +290,21 @@ def bench_speed(
                                           "--quick)")] = "results/speed",
     base: Annotated[str, typer.Option(help="base model folder of the training and inference measurements")
                     ] = "assets/base",
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N; a GPU run writes OUT/speed-cuda.json "
+                                             "(synchronised timing, peak memory from torch.cuda)")] = "cpu",
 ) -> None:
     """Layer, masking, model training (tokens/s, peak memory) and generation speed of SLIM vs LoRA, the MoE
     baselines, full fine-tuning and the base model, side by side in one run, with the issue-6 targets."""
-    from .bench.speed import print_speed_result, record_path, run_speed_bench
+    from .bench.speed import print_speed_result, record_path, resolve_device, run_speed_bench
 
     _setup_logging()
     if not Path(base).is_dir():
         _fail(f"--base {base}: no such model folder")
-    result = run_speed_bench(quick=quick, out=record_path(Path(out), quick), base=base)
+    try:
+        dev = resolve_device(device)
+    except ValueError as e:
+        _fail(str(e))
+    result = run_speed_bench(quick=quick, out=record_path(Path(out), quick, str(dev)), base=base, device=str(dev))
     if as_json:
         typer.echo(json.dumps(result, sort_keys=True))
     else:

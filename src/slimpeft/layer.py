@@ -23,7 +23,7 @@ from torch import nn
 
 from .clustering import SlidingClusters
 from .config import SlimConfig
-from .experts import LoraExperts, auto_dispatch, gated_mix, stack_B
+from .experts import Dispatch, LoraExperts, auto_dispatch, gated_mix, stack_B
 from .masking import apply_fast_masks, dare_delta, dare_mask, fast_masks
 from .router import lora_balance_loss, route
 
@@ -140,6 +140,10 @@ def layer_seed(seed: int, name: str) -> int:
 class SlimLinear(nn.Module):
     """A frozen base linear layer plus n_lora LoRA experts, n_identity identity experts and a router."""
 
+    # the expert engine's dispatch ("auto": experts.auto_dispatch picks by device); the speed bench sets it per
+    # instance to time both paths -- the math is the same (tests/test_speed.py)
+    dispatch: Dispatch = "auto"
+
     def __init__(self, base_layer: nn.Module, config: SlimConfig, name: str) -> None:
         super().__init__()
         self.base_layer = base_layer
@@ -202,8 +206,8 @@ class SlimLinear(nn.Module):
             self.ctx.aux_losses.append(cfg.balance_coef * lora_balance_loss(ro.logits, ro.indices, ro.weights,
                                                                             cfg.n_lora_experts, valid))
         A, B, delta = self._masked_weights()
-        y = self.experts(xf, ro.weights, ro.indices, A=A, B=B, delta=delta,
-                         base=result.reshape(-1, self.d_out))  # (n, o) = base + delta
+        y = self.experts(xf, ro.weights, ro.indices, A=A, B=B, delta=delta, base=result.reshape(-1, self.d_out),
+                         dispatch=self.dispatch)  # (n, o) = base + delta
         if self.ctx.record:
             self._record(ro.weights, ro.indices, d, valid, lead)
         return y.view(*lead, self.d_out)
@@ -258,10 +262,11 @@ class SlimLinear(nn.Module):
             logits[:, n_lora:] += bump[:, None]
         vals, idx = logits.topk(cfg.top_k, dim=-1)  # (n, k)
         w = vals.softmax(-1)
-        if auto_dispatch(cfg.top_k, n_lora, x.device) == "dense":
+        dispatch = auto_dispatch(cfg.top_k, n_lora, x.device) if self.dispatch == "auto" else self.dispatch
+        if dispatch == "dense":
             gate = logits.new_zeros(logits.shape).scatter_(1, idx, w)[:, :n_lora]  # (n, e): identity columns dropped
             return gated_mix(H[:, c + E :], ew.B_cat, gate, base)  # B_cat carries the scale
-        return self.experts(x, w, idx, A=ew.A, B=ew.B, base=base)
+        return self.experts(x, w, idx, A=ew.A, B=ew.B, base=base, dispatch="sparse")
 
     def _eval_weights(self) -> EvalWeights:
         cfg, ex, cl = self.config, self.experts, self.clusters

@@ -16,7 +16,11 @@
              seeded weights built locally: speed does not depend on the values) -- the width of the models users
              adapt. The ``infer_wide_*`` ratios come from the latter.
 
-Run: ``slim bench speed [--quick] [--json]`` (all four) or ``slim bench layer`` (the first two).
+Every measurement runs on the CPU (the default) or on a CUDA GPU (``--device cuda``: the clock stops after
+``torch.cuda.synchronize()``, peak memory is ``torch.cuda.max_memory_allocated``, and the layer benchmark also
+times SLIM's dense and sparse expert dispatch, the two paths ``experts.auto_dispatch`` chooses between).
+
+Run: ``slim bench speed [--quick] [--json] [--device cuda]`` (all four) or ``slim bench layer`` (the first two).
 """
 
 from __future__ import annotations
@@ -39,6 +43,34 @@ from ..methods.config import LoraMoeConfig, MolaConfig
 from ..methods.loramoe import LoraMoeLinear
 from ..methods.mola import MolaLinear
 from .timing import interleaved_medians
+
+
+def resolve_device(device: str) -> torch.device:
+    """``device`` ("cpu", "cuda", "cuda:N") as a torch.device; a CUDA device this machine does not have is refused
+    with a ValueError naming it."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"--device: {device!r} is not a device name (use cpu, cuda or cuda:N)") from e
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device: {device!r}: the speed benchmark runs on cpu or cuda")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device: {device!r} asked for, but torch {torch.__version__} sees no CUDA GPU here")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device: {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+def device_sync(device: torch.device | str):
+    """The barrier that makes host-clock timing count a device's queued work (None on the CPU)."""
+    dev = torch.device(device)
+    return (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else None
+
+
+def device_name(device: torch.device | str) -> str:
+    dev = torch.device(device)
+    return f"cuda ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else "cpu"
 
 
 @dataclass
@@ -67,11 +99,14 @@ def _fwd_bwd(module: nn.Module, x: torch.Tensor, grad: torch.Tensor):
 
 
 def layer_benchmark(shape: LayerShape, *, dtype: torch.dtype = torch.float32, reps: int = 5,
-                    config: SlimConfig | None = None) -> dict[str, float]:
-    """Median seconds of forward+backward per layer kind, timed round-robin, plus the ratios to the base."""
+                    config: SlimConfig | None = None, device: torch.device | str = "cpu") -> dict[str, float]:
+    """Median seconds of forward+backward per layer kind, timed round-robin, plus the ratios to the base. On a
+    GPU, SLIM is also timed with each expert dispatch forced (``slim_dense``, ``slim_sparse``); ``slim`` is the
+    automatic choice."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
+    dev = torch.device(device)
     cfg = config or SlimConfig()
     base = nn.Linear(shape.d_in, shape.d_out).to(dtype).requires_grad_(False)
     slim = SlimLinear(base, cfg, "bench").train()
@@ -87,46 +122,56 @@ def layer_benchmark(shape: LayerShape, *, dtype: torch.dtype = torch.float32, re
     for m in (loramoe, mola):
         with torch.no_grad():
             m.experts.lora_B.normal_(0.0, 0.01)
-    x = torch.randn(shape.n_tokens, shape.d_in, dtype=dtype, requires_grad=True)
-    g = torch.randn(shape.n_tokens, shape.d_out, dtype=dtype)
-    t = interleaved_medians({"base": _fwd_bwd(base, x, g), "slim": _fwd_bwd(slim, x, g),
-                             f"lora{rank}": _fwd_bwd(lora_layer, x, g), "loramoe": _fwd_bwd(loramoe, x, g),
-                             "mola_top2": _fwd_bwd(mola, x, g)}, reps=reps)
-    return {**{f"{k}_s": v for k, v in t.items()},
+    for m in (base, slim, lora_layer, loramoe, mola):
+        m.to(dev)
+    x = torch.randn(shape.n_tokens, shape.d_in, dtype=dtype, device=dev, requires_grad=True)
+    g = torch.randn(shape.n_tokens, shape.d_out, dtype=dtype, device=dev)
+    fns = {"base": _fwd_bwd(base, x, g), "slim": _fwd_bwd(slim, x, g), f"lora{rank}": _fwd_bwd(lora_layer, x, g),
+           "loramoe": _fwd_bwd(loramoe, x, g), "mola_top2": _fwd_bwd(mola, x, g)}
+    if dev.type == "cuda":
+        for mode in ("dense", "sparse"):
+            forced = SlimLinear(base, cfg, "bench").train().to(dev)
+            forced.load_state_dict(slim.state_dict())
+            forced.dispatch = mode
+            fns[f"slim_{mode}"] = _fwd_bwd(forced, x, g)
+    t = interleaved_medians(fns, reps=reps, warmup=_warmup(str(dev)), sync=device_sync(dev))
+    forced_ratios = {f"{k}_over_base": t[k] / t["base"] for k in ("slim_dense", "slim_sparse") if k in t}
+    return {**{f"{k}_s": v for k, v in t.items()}, **forced_ratios,
             "slim_over_base": t["slim"] / t["base"], f"slim_over_lora{rank}": t["slim"] / t[f"lora{rank}"],
             f"lora{rank}_over_base": t[f"lora{rank}"] / t["base"], "loramoe_over_base": t["loramoe"] / t["base"],
             "mola_top2_over_base": t["mola_top2"] / t["base"]}
 
 
-def masking_benchmark(d_in: int = 4096, d_out: int = 11008, r: int = 16, p: float = 0.2, reps: int = 5
-                      ) -> dict[str, float]:
+def masking_benchmark(d_in: int = 4096, d_out: int = 11008, r: int = 16, p: float = 0.2, reps: int = 5,
+                      device: torch.device | str = "cpu") -> dict[str, float]:
     """Seconds to draw and apply one mask to one expert: fast (rows of B, columns of A) vs exact DARE on B A."""
     torch.manual_seed(0)
-    A, B = torch.randn(1, r, d_in), torch.randn(1, d_out, r)
+    dev = torch.device(device)
+    A, B = torch.randn(1, r, d_in, device=dev), torch.randn(1, d_out, r, device=dev)
 
     def fast() -> None:
-        col, row = fast_masks(1, d_in, d_out, p)
+        col, row = fast_masks(1, d_in, d_out, p, device=dev)
         apply_fast_masks(A, B, col, row)
 
     def dare() -> None:
-        dare_delta(A, B, dare_mask(1, d_in, d_out, p))
+        dare_delta(A, B, dare_mask(1, d_in, d_out, p, device=dev))
 
-    t = interleaved_medians({"fast": fast, "dare": dare}, reps=reps)
+    t = interleaved_medians({"fast": fast, "dare": dare}, reps=reps, warmup=_warmup(str(dev)), sync=device_sync(dev))
     return {"mask_fast_s": t["fast"], "mask_dare_s": t["dare"], "mask_fast_speedup": t["dare"] / t["fast"],
             "mask_floor_ratio": d_in * d_out / (r * (d_in + d_out))}
 
 
-def run_layer_bench(quick: bool = False, out: Path | None = None) -> dict:
+def run_layer_bench(quick: bool = False, out: Path | None = None, device: torch.device | str = "cpu") -> dict:
     shape = LayerShape(n_tokens=512) if quick else LayerShape()
     reps = 3 if quick else 7
     result = {
         "shape": asdict(shape), "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "cpu": platform.processor() or platform.machine(), "quick": quick,
-        "layer_float32": layer_benchmark(shape, reps=reps),
-        "masking": masking_benchmark(reps=reps),
+        "cpu": platform.processor() or platform.machine(), "device": device_name(device), "quick": quick,
+        "layer_float32": layer_benchmark(shape, reps=reps, device=device),
+        "masking": masking_benchmark(reps=reps, device=device),
     }
     if not quick:
-        result["layer_bfloat16"] = layer_benchmark(shape, dtype=torch.bfloat16, reps=reps)
+        result["layer_bfloat16"] = layer_benchmark(shape, dtype=torch.bfloat16, reps=reps, device=device)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2, sort_keys=True))
@@ -171,6 +216,7 @@ class ModelBenchArgs:
     reps: int = 5
     seed: int = 0
     wide_layers: int = 2  # layers of the TinyLlama-shaped model of the wide inference measurement (0: skip it)
+    device: str = "cpu"  # where models, batches and timing run ("cuda", "cuda:N": a GPU)
 
 
 # TinyLlama-1.1B's layer shape (the layer benchmark's d_in / d_out), for inference timing at a realistic width
@@ -189,29 +235,35 @@ def wide_base(n_layers: int, vocab_size: int = 4096, seed: int = 0) -> nn.Module
     return LlamaForCausalLM(cfg).eval()
 
 
-def build_method(name: str, base: str, seed: int = 0, *, wide_layers: int = 0) -> torch.nn.Module:
-    """A fresh copy of the base model (``wide_layers`` > 0: of ``wide_base``) with ``name`` applied ("base": none).
-    LoRA gets SLIM's trainable budget."""
+def build_method(name: str, base: str, seed: int = 0, *, wide_layers: int = 0, device: str = "cpu"
+                 ) -> torch.nn.Module:
+    """A fresh copy of the base model (``wide_layers`` > 0: of ``wide_base``) with ``name`` applied ("base": none),
+    on ``device``. LoRA gets SLIM's trainable budget."""
     from .. import methods
     from ..training import load_base
 
     torch.manual_seed(seed)
     model = wide_base(wide_layers, seed=seed) if wide_layers > 0 else load_base(base)[0]
-    if name == "base":
-        return model
     if name == "slim-recommended":
-        return methods.build("slim", model, **RECOMMENDED_ROUTING)
-    if name == "slim-single":
-        return methods.build("slim", model, **PRESETS["single"])
-    if name == "slim-single-merged":
-        return methods.build("slim", model, **PRESETS["single"], merged_inference=True)
-    return methods.build(name, model, **(methods.budget_overrides(name, model) if name == "lora" else {}))
+        model = methods.build("slim", model, **RECOMMENDED_ROUTING)
+    elif name == "slim-single":
+        model = methods.build("slim", model, **PRESETS["single"])
+    elif name == "slim-single-merged":
+        model = methods.build("slim", model, **PRESETS["single"], merged_inference=True)
+    elif name != "base":
+        model = methods.build(name, model, **(methods.budget_overrides(name, model) if name == "lora" else {}))
+    return model.to(device)
 
 
 def _train_batch(args: ModelBenchArgs, vocab: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(args.seed)
-    ids = torch.randint(3, vocab, (args.batch_size, args.seq_len), generator=g)  # (b, t)
+    ids = torch.randint(3, vocab, (args.batch_size, args.seq_len), generator=g).to(args.device)  # (b, t)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+
+def _warmup(device: str) -> int:
+    """Untimed runs before timing: more on a GPU (kernel selection, allocator growth, lazy module loading)."""
+    return 3 if torch.device(device).type == "cuda" else 1
 
 
 def _train_step(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
@@ -228,10 +280,11 @@ def _train_step(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
 
 def train_benchmark(args: ModelBenchArgs, names: tuple[str, ...] = TRAIN_METHODS) -> dict[str, dict[str, float]]:
     """Median seconds and tokens/s of a training step per method, the methods timed round-robin in one process."""
-    models = {n: build_method(n, args.base, args.seed) for n in names}
+    models = {n: build_method(n, args.base, args.seed, device=args.device) for n in names}
     vocab = next(iter(models.values())).config.vocab_size
     batch = _train_batch(args, vocab)
-    t = interleaved_medians({n: _train_step(m, batch) for n, m in models.items()}, reps=args.reps)
+    t = interleaved_medians({n: _train_step(m, batch) for n, m in models.items()}, reps=args.reps,
+                            warmup=_warmup(args.device), sync=device_sync(args.device))
     tokens = args.batch_size * args.seq_len
     return {n: {"step_s": t[n], "tokens_per_s": tokens / t[n],
                 "trainable_params": sum(p.numel() for p in models[n].parameters() if p.requires_grad)}
@@ -258,9 +311,20 @@ def peak_step_memory_child(method: str, args_json: str) -> None:
     torch.cuda.max_memory_allocated minus the memory allocated before the steps. Prints one JSON object.
     """
     args = ModelBenchArgs(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(args_json).items()})
-    model = build_method(method, args.base, args.seed)
+    dev = torch.device(args.device)
+    model = build_method(method, args.base, args.seed, device=args.device)
     batch = _train_batch(args, model.config.vocab_size)
     step = _train_step(model, batch)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        before = torch.cuda.memory_allocated(dev)
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize(dev)
+        peak = torch.cuda.max_memory_allocated(dev)
+        print(json.dumps({"method": method, "rss_before": before, "hwm": peak, "peak_bytes": peak - before}))
+        return
     before = _proc_status()["VmRSS"]
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the high-water mark to the current RSS
@@ -292,7 +356,7 @@ def _warm_clusters(model: torch.nn.Module, args: ModelBenchArgs) -> None:
     model.train()
     with torch.no_grad():
         for _ in range(3):
-            ids = torch.randint(3, vocab, (8, args.seq_len), generator=g)
+            ids = torch.randint(3, vocab, (8, args.seq_len), generator=g).to(args.device)
             model(input_ids=ids, attention_mask=torch.ones_like(ids))
     model.eval()
 
@@ -301,14 +365,15 @@ def infer_benchmark(args: ModelBenchArgs, names: tuple[str, ...] = INFER_METHODS
                     ) -> dict[str, dict[str, float]]:
     """Greedy generation tokens/s (KV cache, eval mode, no gradient) per method and batch size, round-robin; on the
     shipped base, or (``wide``) on ``wide_base(args.wide_layers)``."""
-    models = {n: build_method(n, args.base, args.seed, wide_layers=args.wide_layers if wide else 0) for n in names}
+    models = {n: build_method(n, args.base, args.seed, wide_layers=args.wide_layers if wide else 0,
+                              device=args.device) for n in names}
     for m in models.values():
         _warm_clusters(m, args)
     vocab = next(iter(models.values())).config.vocab_size
     out: dict[str, dict[str, float]] = {n: {} for n in names}
     for b in args.infer_batches:
         g = torch.Generator().manual_seed(args.seed + b)
-        prompt = torch.randint(3, vocab, (b, args.prompt_len), generator=g)  # (b, t)
+        prompt = torch.randint(3, vocab, (b, args.prompt_len), generator=g).to(args.device)  # (b, t)
 
         def gen(model: torch.nn.Module, prompt: torch.Tensor = prompt):
             def run() -> None:
@@ -317,7 +382,8 @@ def infer_benchmark(args: ModelBenchArgs, names: tuple[str, ...] = INFER_METHODS
                                    max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, pad_token_id=0)
             return run
 
-        t = interleaved_medians({n: gen(m) for n, m in models.items()}, reps=args.reps)
+        t = interleaved_medians({n: gen(m) for n, m in models.items()}, reps=args.reps,
+                                warmup=_warmup(args.device), sync=device_sync(args.device))
         for n in names:
             out[n][f"batch{b}_s"] = t[n]
             out[n][f"batch{b}_tokens_per_s"] = b * args.new_tokens / t[n]
@@ -343,21 +409,22 @@ TARGETS: dict[str, tuple[float, str]] = {
 
 def run_speed_bench(quick: bool = False, out: Path | None = None, base: str = "assets/base", *,
                     layer_shape: LayerShape | None = None, mask_shape: tuple[int, int] = (4096, 11008),
-                    model_args: ModelBenchArgs | None = None) -> dict:
-    """All four measurements in one run; returns (and writes to ``out``) one record whose top level holds every
-    ratio, the targets met or not, and the measurements behind them. The keyword arguments override the shapes
-    (tests use tiny ones)."""
+                    model_args: ModelBenchArgs | None = None, device: str = "cpu") -> dict:
+    """All four measurements in one run on ``device``; returns (and writes to ``out``) one record whose top level
+    holds every ratio, the targets met or not, and the measurements behind them. The keyword arguments override the
+    shapes (tests use tiny ones); ``model_args.device``, when given, wins over ``device``."""
     import time
 
     t0 = time.perf_counter()
+    dev = resolve_device(model_args.device if model_args is not None else device)
     shape = layer_shape or (LayerShape(n_tokens=512) if quick else LayerShape())
     reps = 2 if quick else 7
-    layer = layer_benchmark(shape, reps=reps)
-    layer_bf16 = None if quick else layer_benchmark(shape, dtype=torch.bfloat16, reps=reps)
-    masking = masking_benchmark(*mask_shape, reps=3 if quick else reps)
+    layer = layer_benchmark(shape, reps=reps, device=dev)
+    layer_bf16 = None if quick else layer_benchmark(shape, dtype=torch.bfloat16, reps=reps, device=dev)
+    masking = masking_benchmark(*mask_shape, reps=3 if quick else reps, device=dev)
     # quick skips the TinyLlama-shaped generation (building and warming its models alone takes ~30 s here)
     margs = model_args or ModelBenchArgs(base=base, reps=2 if quick else 5, new_tokens=16 if quick else 32,
-                                         wide_layers=0 if quick else 2)
+                                         wide_layers=0 if quick else 2, device=str(dev))
     train = train_benchmark(margs)
     mem_methods = ("slim", "lora") if quick else TRAIN_METHODS
     for n in mem_methods:
@@ -373,6 +440,10 @@ def run_speed_bench(quick: bool = False, out: Path | None = None, base: str = "a
     if layer_bf16 is not None:
         ratios["layer_bf16_slim_over_base"] = layer_bf16["slim_over_base"]
         ratios["layer_bf16_slim_over_lora128"] = layer_bf16["slim_over_lora128"]
+    for prefix, lay in (("layer", layer), ("layer_bf16", layer_bf16)):  # GPU: each dispatch forced
+        for mode in ("dense", "sparse"):
+            if lay is not None and f"slim_{mode}_over_base" in lay:
+                ratios[f"{prefix}_slim_{mode}_over_base"] = lay[f"slim_{mode}_over_base"]
     for n in TRAIN_METHODS:
         if n != "lora":
             key = n.replace("-", "_")
@@ -401,7 +472,7 @@ def run_speed_bench(quick: bool = False, out: Path | None = None, base: str = "a
         **({"infer_wide": infer_wide} if infer_wide is not None else {}),
         "meta": {"quick": quick, "layer_shape": asdict(shape), "model": asdict(margs), "wide_shape": WIDE_SHAPE,
                  "threads": torch.get_num_threads(), "torch": torch.__version__,
-                 "cpu": platform.processor() or platform.machine(), "device": "cpu",
+                 "cpu": platform.processor() or platform.machine(), "device": device_name(dev),
                  "seconds": time.perf_counter() - t0},
     }
     if layer_bf16 is not None:
@@ -412,10 +483,11 @@ def run_speed_bench(quick: bool = False, out: Path | None = None, base: str = "a
     return result
 
 
-def record_path(out_dir: Path, quick: bool) -> Path:
-    """Where ``slim bench speed`` writes its record: OUT/speed.json, or OUT/speed-quick.json for a quick run (a quick
-    run never overwrites the full record)."""
-    return out_dir / ("speed-quick.json" if quick else "speed.json")
+def record_path(out_dir: Path, quick: bool, device: str = "cpu") -> Path:
+    """Where ``slim bench speed`` writes its record: OUT/speed.json, OUT/speed-quick.json for a quick run (a quick
+    run never overwrites the full record), OUT/speed-cuda.json (-quick) for a run on a GPU."""
+    gpu = "-cuda" if torch.device(device).type == "cuda" else ""
+    return out_dir / f"speed{gpu}{'-quick' if quick else ''}.json"
 
 
 def print_speed_result(result: dict) -> None:
@@ -430,7 +502,10 @@ def print_speed_tables(result: dict) -> None:
     from rich.table import Table
 
     con = Console()
-    t = Table(title="training step on the shipped base (medians; peak = RSS growth in a fresh process)")
+    gpu = result["meta"]["device"].startswith("cuda")
+    peak = "torch.cuda peak allocation" if gpu else "RSS growth"
+    t = Table(title=f"training step on the shipped base on {result['meta']['device']} (medians; peak = {peak} in "
+                    "a fresh process)")
     for col in ("method", "trainable", "step s", "tokens/s", "/ lora", "peak MiB", "/ lora"):
         t.add_column(col, justify="right" if col != "method" else "left")
     tr = result["train"]
