@@ -110,7 +110,8 @@ def _tiny_slim(device: str, **overrides):
     from slimpeft import methods
 
     torch.manual_seed(0)
-    return methods.build("slim", tiny_llama(), r=4, n_lora_experts=4, n_clusters=4, **overrides).to(device)
+    kw = {"r": 4, "n_lora_experts": 4, "n_clusters": 4, **overrides}
+    return methods.build("slim", tiny_llama(), **kw).to(device)
 
 
 def _train_and_generate(device: str, **overrides) -> tuple[list[float], torch.Tensor]:

@@ -204,7 +204,7 @@ class SlidingClusters(nn.Module):
     def update_pool_stats(self, pooled_u: torch.Tensor, first: bool) -> None:
         """EMA of the mean/variance of sequence-pooled standardized scores (b,) of in-domain training data."""
         stats = _all_reduce_sum(
-            torch.stack([torch.tensor(float(pooled_u.numel()), device=pooled_u.device), pooled_u.sum(),
+            torch.stack([pooled_u.new_full((), float(pooled_u.numel())), pooled_u.sum(),
                          (pooled_u * pooled_u).sum()])
         )
         n = stats[0].clamp_min(1.0)

@@ -170,7 +170,7 @@ class AdaptedModel(ModelWrapper):
         super().__init__(model)
         self.layer_names = list(layer_names)
         self.ctx = ctx
-        self.last_aux: dict[str, float] = {}
+        self._last_aux: dict[str, torch.Tensor] = {}  # detached; read through last_aux (no host sync per step)
         for layer in self.adapter_layers().values():
             layer.ctx = self.ctx
         # a pre-hook, not forward, captures the attention mask: generate() calls the base model directly
@@ -199,11 +199,17 @@ class AdaptedModel(ModelWrapper):
         """The routing losses of the last forward pass (already weighted by their coefficients)."""
         dev = next(self.parameters()).device
         if not self.ctx.aux_losses:
-            self.last_aux = {}
+            self._last_aux = {}
             return torch.zeros((), device=dev)
         total = torch.stack([a.to(dev) for a in self.ctx.aux_losses]).sum()
-        self.last_aux = {"routing": float(total.detach())}
+        self._last_aux = {"routing": total.detach()}
         return total
+
+    @property
+    def last_aux(self) -> dict[str, float]:
+        """The auxiliary losses of the last forward pass as floats ("routing", and "l1" for SLIM); kept as tensors
+        until read, so that a training step on a GPU does not wait for them."""
+        return {k: float(v) for k, v in self._last_aux.items()}
 
     # ------------------------------------------------------------------------------------------ inspection
     def adapter_layers(self) -> dict[str, nn.Module]:
@@ -366,7 +372,7 @@ class SlimModel(AdaptedModel):
         if self.slim_config.l1_weight > 0:
             l1 = sum(layer.l1_penalty() for layer in self.slim_layers().values())
             total = total + self.slim_config.l1_weight * l1
-            self.last_aux["l1"] = float(l1.detach())
+            self._last_aux["l1"] = l1.detach()
         return total
 
     def slim_layers(self) -> dict[str, SlimLinear]:

@@ -83,17 +83,16 @@ def load_balance_loss(probs: torch.Tensor, indices: torch.Tensor, weights: torch
     """Switch-style balance N * sum_i f_i * P_i (unweighted; multiply by c).
 
     f_i: share of the routed slots (weight > 0) that go to expert i; P_i: mean router probability of expert i.
+    ``valid`` (n,) bool: only those tokens count. They are weighted, not selected (a boolean index is a host sync
+    on a GPU); with no valid token the loss is 0.
     """
-    if valid is not None:
-        probs, indices, weights = probs[valid], indices[valid], weights[valid]
-    if probs.shape[0] == 0:
-        return probs.sum() * 0.0
-    routed = (weights > 0).to(probs.dtype)  # (n, k)
+    v = probs.new_ones(probs.shape[0]) if valid is None else valid.to(probs.dtype)  # (n,)
+    routed = (weights > 0).to(probs.dtype) * v[:, None]  # (n, k)
     slots = torch.zeros(n_experts, device=probs.device, dtype=probs.dtype).index_add_(
         0, indices.reshape(-1), routed.reshape(-1)
     )  # (e,)
     f = slots / routed.sum().clamp_min(1.0)
-    P = probs.mean(0)  # (e,)
+    P = (probs * v[:, None]).sum(0) / v.sum().clamp_min(1.0)  # (e,) mean over the valid tokens
     return n_experts * (f * P).sum()
 
 
