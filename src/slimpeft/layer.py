@@ -270,11 +270,13 @@ class SlimLinear(nn.Module):
 
     def _eval_weights(self) -> EvalWeights:
         cfg, ex, cl = self.config, self.experts, self.clusters
-        sources = (ex.lora_A, ex.lora_B, self.router, cl.centers, cl.variances, cl.agg_mean, cl.agg_var,
-                   cl.initialized)
+        # read on every inference call of every layer: the registries directly (no nn.Module.__getattr__), flat lists
+        p, q = ex._parameters, cl._buffers
+        sources = (p["lora_A"], p["lora_B"], self._parameters["router"], q["centers"], q["variances"], q["agg_mean"],
+                   q["agg_var"], q["initialized"])
         key = (cfg.router_lr_scale, cfg.mask_mode, cfg.mask_rate, cfg.mask_rescale, cfg.inference_mask, cfg.distance,
                cfg.ood_score, cfg.threshold_std, cfg.spread_floor, cfg.yield_strength, cfg.ood_source,
-               *((id(t), t._version, t.data_ptr()) for t in sources))
+               [id(t) for t in sources], [t._version for t in sources], [t.data_ptr() for t in sources])
         if self._eval_cache is not None and self._eval_cache[0] == key:
             return self._eval_cache[1]
         with torch.no_grad():

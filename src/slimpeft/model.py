@@ -296,7 +296,9 @@ class SlimModel(AdaptedModel):
         super().__init__(model, layer_names, RoutingContext())
         self.slim_config = config
         # ood_source "prepass": each sequence's score from the prompt's scoring pass, for the KV-cache steps after it
-        self._prompt_score: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        # (d (b,), u (b,) or None, unflagged: merged_inference may merge)
+        self._prompt_score: tuple[torch.Tensor, torch.Tensor | None, bool] | None = None
+        self._layers_cache: list[SlimLinear] | None = None  # _layer_objects()
 
     def _capture_context(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self.ctx.phase == "score":  # the scoring pass's own call of the base model: the context is set already
@@ -305,9 +307,16 @@ class SlimModel(AdaptedModel):
         cfg = self.slim_config
         if cfg.ood_source != "prepass" or cfg.n_identity_experts == 0:  # without identity experts no layer scores
             return
-        layers = list(self.slim_layers().values())
+        layers = self._layer_objects()
         if not any(layer.disabled for layer in layers):
             self._scoring_pass(module, args, kwargs, layers)
+
+    def _layer_objects(self) -> list[SlimLinear]:
+        """The SLIM layers, found once (walking every module on every forward costs host time a GPU waits for).
+        Objects, not names: FSDP renames modules but keeps them, and a deep copy maps the list to its own layers."""
+        if self._layers_cache is None:
+            self._layers_cache = list(self.slim_layers().values())
+        return self._layers_cache
 
     def _scoring_pass(self, module: nn.Module, args: tuple, kwargs: dict, layers: list[SlimLinear]) -> None:
         """ood_source "prepass": run the frozen base over the inputs (adapters off, no gradient, no cache) so that
@@ -325,10 +334,11 @@ class SlimModel(AdaptedModel):
                 raise RuntimeError(
                     f"ood_source='prepass': a KV-cache step for {b} sequence(s) arrived without their prompt's score; "
                     "run the prompt through this model first (generate() does) instead of passing an outside cache")
-            d, u = self._prompt_score
+            d, u, unflagged = self._prompt_score
             ctx.fixed_score = d.repeat_interleave(t)
             ctx.fixed_u = None if u is None else u.repeat_interleave(t)
-            ctx.unflagged = self._merge_flag(d)
+            # the prompt's flag (no device sync per generated token), where the merge applies in this step too
+            ctx.unflagged = unflagged and self._merge_flag(None)
             return
         kw = {k: v for k, v in kwargs.items() if k not in ("labels", "past_key_values", "cache", "num_items_in_batch")}
         kw["use_cache"] = False
@@ -357,20 +367,20 @@ class SlimModel(AdaptedModel):
         ctx.unflagged = self._merge_flag(d)
         # the last position's score is the whole prompt's (sequence pooling: every position's; causal: the mean
         # over all real tokens, padding weighted out); the KV-cache steps that follow route on it
-        self._prompt_score = (d.view(b, t)[:, -1], None if u is None else u.view(b, t)[:, -1])
+        self._prompt_score = (d.view(b, t)[:, -1], None if u is None else u.view(b, t)[:, -1], ctx.unflagged)
 
-    def _merge_flag(self, d: torch.Tensor) -> bool:
-        """merged_inference: True when no sequence of this call is flagged (one device sync per call, inference
-        only; the layers then run their merged weights)."""
+    def _merge_flag(self, d: torch.Tensor | None) -> bool:
+        """merged_inference: True when no sequence of this call is flagged (one device sync per prompt, inference
+        only; the layers then run their merged weights). ``d`` None: whether merging applies at all now."""
         if not self.slim_config.merged_inference or self.training or torch.is_grad_enabled():
             return False
-        return not bool((d > 0).any())
+        return d is None or not bool((d > 0).any())
 
     def aux_loss(self) -> torch.Tensor:
         """l1_weight * sum of the layers' size-normalised L1 penalties (+ any routing losses of this pass)."""
         total = super().aux_loss()
         if self.slim_config.l1_weight > 0:
-            l1 = sum(layer.l1_penalty() for layer in self.slim_layers().values())
+            l1 = sum(layer.l1_penalty() for layer in self._layer_objects())
             total = total + self.slim_config.l1_weight * l1
             self._last_aux["l1"] = l1.detach()
         return total
