@@ -300,3 +300,10 @@ def test_fast_path_with_carried_scores_equals_reference_in_a_whole_model(routing
     recs = model.routing_records(input_ids=ids, attention_mask=mask)
     flagged = torch.stack([r["d"] > 0 for r in recs.values()]).any(0)  # (real tokens,) flagged in some layer
     assert 0 < float(flagged.float().mean()) < 1  # the scores really route some inputs to the identity experts
+
+
+def test_record_path_keeps_quick_and_gpu_records_apart():
+    from slimpeft.bench.speed import record_path
+
+    names = {record_path(Path("out"), q, d).name for q in (False, True) for d in ("cpu", "cuda", "cuda:1")}
+    assert names == {"speed.json", "speed-quick.json", "speed-cuda.json", "speed-cuda-quick.json"}

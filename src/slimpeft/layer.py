@@ -140,8 +140,8 @@ def layer_seed(seed: int, name: str) -> int:
 class SlimLinear(nn.Module):
     """A frozen base linear layer plus n_lora LoRA experts, n_identity identity experts and a router."""
 
-    # the expert engine's dispatch ("auto": experts.auto_dispatch picks by device); the speed bench sets it per
-    # instance to time both paths -- the math is the same (tests/test_speed.py)
+    # the expert engine's dispatch ("auto": experts.auto_dispatch, dense everywhere as measured); the speed bench sets
+    # it per instance to time both paths -- the math is the same (tests/test_cuda.py)
     dispatch: Dispatch = "auto"
 
     def __init__(self, base_layer: nn.Module, config: SlimConfig, name: str) -> None:
