@@ -227,6 +227,9 @@ def test_speed_bench_records_every_ratio_and_target(tmp_path):
         result["infer_wide_slim_over_base_tokens_per_s_batch1"],
         result["infer_wide_slim_over_base_tokens_per_s_batch2"]))
     assert result["meta"]["wide_shape"]["hidden_size"] == 2048
+    ops = result["layer_ops"]  # ATen ops per fwd+bwd: the GPU's kernel launches
+    assert ops["slim"] > ops["loramoe"] > ops["lora128"] > ops["base"] >= 2
+    assert result["layer_ops_slim_over_lora128"] == pytest.approx(ops["slim"] / ops["lora128"])
     assert 0 < result["infer_slim_recommended_over_base_tokens_per_s"] <= result[
         "infer_slim_recommended_over_base_tokens_per_s_batch1"]
 
@@ -307,3 +310,14 @@ def test_record_path_keeps_quick_and_gpu_records_apart():
 
     names = {record_path(Path("out"), q, d).name for q in (False, True) for d in ("cpu", "cuda", "cuda:1")}
     assert names == {"speed.json", "speed-quick.json", "speed-cuda.json", "speed-cuda-quick.json"}
+
+
+def test_op_count_counts_work_not_views_and_sees_the_backward():
+    from slimpeft.bench.speed import op_count
+
+    a, b = torch.randn(4, 3), torch.randn(4, 3)
+    assert op_count(lambda: (a * b).sum()) == 2
+    assert op_count(lambda: a.view(3, 4).t().unsqueeze(0)) == 0  # views launch nothing
+    w = torch.randn(3, 5, requires_grad=True)
+    fwd = op_count(lambda: (a @ w).sum())
+    assert fwd == 2 and op_count(lambda: (a @ w).sum().backward()) > fwd  # backward ops counted too

@@ -98,16 +98,32 @@ def _fwd_bwd(module: nn.Module, x: torch.Tensor, grad: torch.Tensor):
     return run
 
 
-def layer_benchmark(shape: LayerShape, *, dtype: torch.dtype = torch.float32, reps: int = 5,
-                    config: SlimConfig | None = None, device: torch.device | str = "cpu") -> dict[str, float]:
-    """Median seconds of forward+backward per layer kind, timed round-robin, plus the ratios to the base. On a
-    GPU, SLIM is also timed with each expert dispatch forced (``slim_dense``, ``slim_sparse``); ``slim`` is the
-    automatic choice."""
+def op_count(fn) -> int:
+    """ATen ops that do work (views and allocations left out) in one call of ``fn``, backward included, as they reach
+    the dispatcher (composite ops counted as what they decompose into). On a GPU each is about one kernel launch, a
+    fixed host cost of ~10-40 us: the measure behind SLIM's GPU timings (BENCHMARKS.md section 1), the same on every
+    device."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view and func.__name__.split(".")[0] not in ("detach", "empty", "empty_strided"):
+                Counter.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Counter():
+        fn()
+    return Counter.n
+
+
+def _bench_layers(shape: LayerShape, dtype: torch.dtype, cfg: SlimConfig) -> dict[str, nn.Module]:
+    """The layer kinds side by side on one frozen base layer, in training mode: base, SLIM, PEFT LoRA at the
+    mixture's whole rank (lora{rank}), LoRAMoE (dense over the same experts) and MoLA (top-2)."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
-    dev = torch.device(device)
-    cfg = config or SlimConfig()
     base = nn.Linear(shape.d_in, shape.d_out).to(dtype).requires_grad_(False)
     slim = SlimLinear(base, cfg, "bench").train()
     with torch.no_grad():
@@ -116,22 +132,45 @@ def layer_benchmark(shape: LayerShape, *, dtype: torch.dtype = torch.float32, re
     holder = _Holder(nn.Linear(shape.d_in, shape.d_out).to(dtype))
     holder.lin.load_state_dict(base.state_dict())
     lora = get_peft_model(holder, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["lin"])).train()
-    lora_layer = lora.base_model.model.lin
     loramoe = LoraMoeLinear(base, "bench", LoraMoeConfig(n_experts=cfg.n_lora_experts, r=cfg.r)).train()
     mola = MolaLinear(base, "bench", MolaConfig(r=cfg.r), n_experts=cfg.n_lora_experts).train()
     for m in (loramoe, mola):
         with torch.no_grad():
             m.experts.lora_B.normal_(0.0, 0.01)
-    for m in (base, slim, lora_layer, loramoe, mola):
-        m.to(dev)
+    return {"base": base, "slim": slim, f"lora{rank}": lora.base_model.model.lin, "loramoe": loramoe,
+            "mola_top2": mola}
+
+
+def layer_op_counts(config: SlimConfig | None = None) -> dict[str, int]:
+    """``op_count`` of one forward + backward of each layer kind of ``layer_benchmark``, on small CPU layers: which
+    ops run depends on neither the size nor the device (every path is the same code)."""
+    shape = LayerShape(64, 96, 32)
+    layers = _bench_layers(shape, torch.float32, config or SlimConfig())
+    x = torch.randn(shape.n_tokens, shape.d_in, requires_grad=True)
+    g = torch.randn(shape.n_tokens, shape.d_out)
+    counts = {}
+    for name, m in layers.items():
+        _fwd_bwd(m, x, g)()  # the first call fits SLIM's clusters: count a later one, as in training
+        counts[name] = op_count(_fwd_bwd(m, x, g))
+    return counts
+
+
+def layer_benchmark(shape: LayerShape, *, dtype: torch.dtype = torch.float32, reps: int = 5,
+                    config: SlimConfig | None = None, device: torch.device | str = "cpu") -> dict[str, float]:
+    """Median seconds of forward+backward per layer kind, timed round-robin, plus the ratios to the base. On a
+    GPU, SLIM is also timed with each expert dispatch forced (``slim_dense``, ``slim_sparse``); ``slim`` is the
+    automatic choice."""
+    dev = torch.device(device)
+    cfg = config or SlimConfig()
+    layers = {k: m.to(dev) for k, m in _bench_layers(shape, dtype, cfg).items()}
+    base, rank = layers["base"], cfg.n_lora_experts * cfg.r
     x = torch.randn(shape.n_tokens, shape.d_in, dtype=dtype, device=dev, requires_grad=True)
     g = torch.randn(shape.n_tokens, shape.d_out, dtype=dtype, device=dev)
-    fns = {"base": _fwd_bwd(base, x, g), "slim": _fwd_bwd(slim, x, g), f"lora{rank}": _fwd_bwd(lora_layer, x, g),
-           "loramoe": _fwd_bwd(loramoe, x, g), "mola_top2": _fwd_bwd(mola, x, g)}
+    fns = {k: _fwd_bwd(m, x, g) for k, m in layers.items()}
     if dev.type == "cuda":
         for mode in ("dense", "sparse"):
             forced = SlimLinear(base, cfg, "bench").train().to(dev)
-            forced.load_state_dict(slim.state_dict())
+            forced.load_state_dict(layers["slim"].state_dict())
             forced.dispatch = mode
             fns[f"slim_{mode}"] = _fwd_bwd(forced, x, g)
     t = interleaved_medians(fns, reps=reps, warmup=_warmup(str(dev)), sync=device_sync(dev))
@@ -169,6 +208,7 @@ def run_layer_bench(quick: bool = False, out: Path | None = None, device: torch.
         "cpu": platform.processor() or platform.machine(), "device": device_name(device), "quick": quick,
         "layer_float32": layer_benchmark(shape, reps=reps, device=device),
         "masking": masking_benchmark(reps=reps, device=device),
+        "layer_ops": layer_op_counts(),
     }
     if not quick:
         result["layer_bfloat16"] = layer_benchmark(shape, dtype=torch.bfloat16, reps=reps, device=device)
@@ -185,9 +225,10 @@ def print_layer_table(result: dict) -> None:
     table = Table(title=f"SLIM layer speed ({result['shape']}, {result['threads']} threads, medians)")
     table.add_column("measure")
     table.add_column("value", justify="right")
-    for section in ("layer_float32", "layer_bfloat16", "masking"):
+    for section in ("layer_float32", "layer_bfloat16", "masking", "layer_ops"):
         for k, v in result.get(section, {}).items():
-            table.add_row(f"{section}.{k}", f"{v:.4f}" if k.endswith("_s") else f"{v:.3f}")
+            table.add_row(f"{section}.{k}", f"{v:.4f}" if k.endswith("_s") else f"{v:d}" if isinstance(v, int)
+                          else f"{v:.3f}")
     Console().print(table)
 
 
@@ -422,6 +463,7 @@ def run_speed_bench(quick: bool = False, out: Path | None = None, base: str = "a
     layer = layer_benchmark(shape, reps=reps, device=dev)
     layer_bf16 = None if quick else layer_benchmark(shape, dtype=torch.bfloat16, reps=reps, device=dev)
     masking = masking_benchmark(*mask_shape, reps=3 if quick else reps, device=dev)
+    ops = layer_op_counts()  # ATen ops per layer fwd+bwd: about the kernel launches on a GPU
     # quick skips the TinyLlama-shaped generation (building and warming its models alone takes ~30 s here)
     margs = model_args or ModelBenchArgs(base=base, reps=2 if quick else 5, new_tokens=16 if quick else 32,
                                          wide_layers=0 if quick else 2, device=str(dev))
@@ -436,6 +478,7 @@ def run_speed_bench(quick: bool = False, out: Path | None = None, base: str = "a
         "layer_slim_over_base": layer["slim_over_base"],
         "layer_slim_over_lora128": layer["slim_over_lora128"],
         "mask_fast_speedup": masking["mask_fast_speedup"],
+        "layer_ops_slim_over_lora128": ops["slim"] / ops["lora128"],
     }
     if layer_bf16 is not None:
         ratios["layer_bf16_slim_over_base"] = layer_bf16["slim_over_base"]
@@ -468,7 +511,7 @@ def run_speed_bench(quick: bool = False, out: Path | None = None, base: str = "a
     result = {
         **ratios,
         "targets": targets,
-        "layer_float32": layer, "masking": masking, "train": train, "infer": infer,
+        "layer_float32": layer, "masking": masking, "layer_ops": ops, "train": train, "infer": infer,
         **({"infer_wide": infer_wide} if infer_wide is not None else {}),
         "meta": {"quick": quick, "layer_shape": asdict(shape), "model": asdict(margs), "wide_shape": WIDE_SHAPE,
                  "threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -493,7 +536,8 @@ def record_path(out_dir: Path, quick: bool, device: str = "cpu") -> Path:
 def print_speed_result(result: dict) -> None:
     """Every table of a ``run_speed_bench`` result: layer and masking, then training and generation."""
     print_layer_table({"shape": result["meta"]["layer_shape"], "threads": result["meta"]["threads"],
-                       **{k: result[k] for k in ("layer_float32", "layer_bfloat16", "masking") if k in result}})
+                       **{k: result[k] for k in ("layer_float32", "layer_bfloat16", "masking", "layer_ops")
+                          if k in result}})
     print_speed_tables(result)
 
 
