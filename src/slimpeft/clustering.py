@@ -125,6 +125,11 @@ class SlidingClusters(nn.Module):
 
     def token_score(self, agg: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """Per-token d >= 0 under the configured ``ood_score``, (n,)."""
+        mode = self.config.ood_score
+        if mode == "paper":  # a = b = 1 (score_affine), without the launches that multiply by one
+            return (agg - 1.0).clamp_min(0.0)
+        if mode == "calibrated":  # a = 1
+            return (agg - self.calibrated_tau()[k]).clamp_min(0.0)
         a, b = self.score_affine()
         return (agg * a[k] - b[k]).clamp_min(0.0)
 
@@ -167,27 +172,44 @@ class SlidingClusters(nn.Module):
         # one all-reduce carries counts (c), sums (c, i) and sums of squares (c, i)
         stats = torch.cat([onehot.sum(0)[:, None], onehot.T @ x, onehot.T @ (x * x)], dim=1)  # (c, 1 + 2i)
         stats = _all_reduce_sum(stats)
+        agg_stats = self._agg_sums(agg, k, w)  # (3, c): the same counts, sums and sums of squares of agg
         count, s1, s2 = stats[:, 0], stats[:, 1 : 1 + i], stats[:, 1 + i :]
+        # Channels and aggregate side by side as one (c, i + 1) matrix of means and one of variances, so that the
+        # update is a few launches instead of one set per statistic (a GPU pays a fixed host cost per kernel); the
+        # formulas are those of the statistics taken one by one, element for element
         hit = (count > 0)[:, None]  # (c, 1): clusters that got a token; the others keep their statistics
         n_k = count.clamp_min(1.0)[:, None]  # equals count where hit
-        mean = s1 / n_k
-        var = (s2 / n_k - mean * mean).clamp_min(0.0)
-        self.centers.copy_(torch.where(hit, m * self.centers + (1.0 - m) * mean, self.centers))
-        self.variances.copy_(torch.where(hit, (m * self.variances + (1.0 - m) * var).clamp_min(_EPS), self.variances))
-        self._update_agg_stats(agg, k, momentum=m, weight=w)
-        self.n_updates += (count.sum() > 0).to(self.n_updates.dtype)
+        mean = torch.cat([s1, agg_stats[1][:, None]], dim=1) / n_k  # (c, i + 1)
+        var = torch.cat([s2, agg_stats[2][:, None]], dim=1) / n_k - mean * mean  # (c, i + 1)
+        var[:, :i].clamp_min_(0.0)  # channel variances; the aggregate's is floored at _EPS
+        var[:, i:].clamp_min_(_EPS)
+        old_mean = torch.cat([self.centers, self.agg_mean[:, None]], dim=1)  # (c, i + 1)
+        old_var = torch.cat([self.variances, self.agg_var[:, None]], dim=1)
+        new_var = m * old_var + (1.0 - m) * var
+        new_var[:, :i].clamp_min_(_EPS)
+        new_mean = torch.where(hit, m * old_mean + (1.0 - m) * mean, old_mean)
+        new_var = torch.where(hit, new_var, old_var)
+        self.centers.copy_(new_mean[:, :i])
+        self.agg_mean.copy_(new_mean[:, i])
+        self.variances.copy_(new_var[:, :i])
+        self.agg_var.copy_(new_var[:, i])
+        self.n_updates.add_(hit.any())
+
+    @torch.no_grad()
+    def _agg_sums(self, agg: torch.Tensor, k: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """(3, c) weighted count, sum and sum of squares of the aggregates agg (n,) per cluster k (n,), summed over
+        processes."""
+        stats = torch.zeros(3, self.centers.shape[0], device=agg.device)
+        stats[0].index_add_(0, k, w)
+        stats[1].index_add_(0, k, agg * w)
+        stats[2].index_add_(0, k, agg * agg * w)
+        return _all_reduce_sum(stats)
 
     @torch.no_grad()
     def _update_agg_stats(self, agg: torch.Tensor, k: torch.Tensor, momentum: float,
                           weight: torch.Tensor | None = None) -> None:
-        c = self.centers.shape[0]
         w = torch.ones_like(agg) if weight is None else weight  # (n,)
-        stats = torch.zeros(3, c, device=agg.device)
-        stats[0].index_add_(0, k, w)
-        stats[1].index_add_(0, k, agg * w)
-        stats[2].index_add_(0, k, agg * agg * w)
-        stats = _all_reduce_sum(stats)
-        count, s1, s2 = stats
+        count, s1, s2 = self._agg_sums(agg, k, w)
         hit = count > 0
         if momentum == 0.0:  # initialisation: clusters that got no token take the global statistics
             n = count.sum().clamp_min(1.0)

@@ -29,9 +29,9 @@ def _keep_scale(shape: tuple[int, ...], p: float, rescale: bool, generator: torc
     """0 where dropped, 1 (or 1 / (1 - p) with rescale) where kept; float32."""
     if p <= 0.0:
         return torch.ones(shape, device=device)
-    keep = torch.rand(shape, generator=generator, device=generator.device if generator else device) >= p
-    scale = 1.0 / (1.0 - p) if rescale else 1.0
-    return (keep.to(torch.float32) * scale).to(device)
+    u = torch.rand(shape, generator=generator, device=generator.device if generator else device)
+    keep = u.ge_(p)  # in place: 1.0 where kept, 0.0 where dropped (float32; no separate cast)
+    return (keep.mul_(1.0 / (1.0 - p)) if rescale else keep).to(device)
 
 
 def fast_masks(
