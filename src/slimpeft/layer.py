@@ -259,7 +259,7 @@ class SlimLinear(nn.Module):
                 torch.where(bump > 0, bump, float("-inf"))
             logits[:, n_lora:] = ident[:, None]
         elif bump is not None:
-            logits[:, n_lora:] += bump[:, None]
+            logits[:, n_lora:].add_(bump[:, None])  # in place on the view (`+=` would copy it back onto itself)
         vals, idx = logits.topk(cfg.top_k, dim=-1)  # (n, k)
         w = vals.softmax(-1)
         dispatch = auto_dispatch(cfg.top_k, n_lora, x.device) if self.dispatch == "auto" else self.dispatch
