@@ -321,3 +321,14 @@ def test_op_count_counts_work_not_views_and_sees_the_backward():
     w = torch.randn(3, 5, requires_grad=True)
     fwd = op_count(lambda: (a @ w).sum())
     assert fwd == 2 and op_count(lambda: (a @ w).sum().backward()) > fwd  # backward ops counted too
+
+
+def test_slim_layer_kernel_launches_do_not_grow():
+    """ATen ops per training forward + backward (about the kernel launches on a GPU, where SLIM is launch-bound:
+    BENCHMARKS.md section 1). 136 before the fused cluster update, 119 after; a change that adds launches to the
+    training path shows here (a new torch version that decomposes ops differently may move the count: re-measure)."""
+    from slimpeft.bench.speed import layer_op_counts
+
+    counts = layer_op_counts()
+    assert counts["base"] == 2 and counts["lora128"] == 12  # the yardsticks: a matmul fwd+bwd, PEFT's LoRA
+    assert counts["slim"] <= 119
