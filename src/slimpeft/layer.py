@@ -270,10 +270,10 @@ class SlimLinear(nn.Module):
 
     def _eval_weights(self) -> EvalWeights:
         cfg, ex, cl = self.config, self.experts, self.clusters
-        # read on every inference call of every layer: the registries directly (no nn.Module.__getattr__), flat lists
-        p, q = ex._parameters, cl._buffers
-        sources = (p["lora_A"], p["lora_B"], self._parameters["router"], q["centers"], q["variances"], q["agg_mean"],
-                   q["agg_var"], q["initialized"])
+        # read on every inference call of every layer (flat lists: cheaper than a generator). Through getattr, not the
+        # registries: FSDP (use_orig_params=False) swaps parameters for plain tensor attributes
+        sources = (ex.lora_A, ex.lora_B, self.router, cl.centers, cl.variances, cl.agg_mean, cl.agg_var,
+                   cl.initialized)
         key = (cfg.router_lr_scale, cfg.mask_mode, cfg.mask_rate, cfg.mask_rescale, cfg.inference_mask, cfg.distance,
                cfg.ood_score, cfg.threshold_std, cfg.spread_floor, cfg.yield_strength, cfg.ood_source,
                [id(t) for t in sources], [t._version for t in sources], [t.data_ptr() for t in sources])

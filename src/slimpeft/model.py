@@ -367,7 +367,10 @@ class SlimModel(AdaptedModel):
         ctx.unflagged = self._merge_flag(d)
         # the last position's score is the whole prompt's (sequence pooling: every position's; causal: the mean
         # over all real tokens, padding weighted out); the KV-cache steps that follow route on it
-        self._prompt_score = (d.view(b, t)[:, -1], None if u is None else u.view(b, t)[:, -1], ctx.unflagged)
+        d_last = d.view(b, t)[:, -1]
+        # the KV-cache steps route on d_last: they may merge when it flags nothing (decided once, here)
+        self._prompt_score = (d_last, None if u is None else u.view(b, t)[:, -1],
+                              ctx.unflagged or self._merge_flag(d_last))
 
     def _merge_flag(self, d: torch.Tensor | None) -> bool:
         """merged_inference: True when no sequence of this call is flagged (one device sync per prompt, inference
