@@ -230,6 +230,8 @@ def test_speed_bench_records_every_ratio_and_target(tmp_path):
     ops = result["layer_ops"]  # ATen ops per fwd+bwd: the GPU's kernel launches
     assert ops["slim"] > ops["loramoe"] > ops["lora128"] > ops["base"] >= 2
     assert result["layer_ops_slim_over_lora128"] == pytest.approx(ops["slim"] / ops["lora128"])
+    assert tr["slim"]["ops_per_step"] > tr["lora"]["ops_per_step"] > 0  # a whole training step, on the CPU
+    assert result["train_ops_slim_over_lora"] == pytest.approx(tr["slim"]["ops_per_step"] / tr["lora"]["ops_per_step"])
     assert 0 < result["infer_slim_recommended_over_base_tokens_per_s"] <= result[
         "infer_slim_recommended_over_base_tokens_per_s_batch1"]
 

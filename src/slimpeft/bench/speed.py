@@ -102,7 +102,7 @@ def op_count(fn) -> int:
     """ATen ops that do work (views and allocations left out) in one call of ``fn``, backward included, as they reach
     the dispatcher (composite ops counted as what they decompose into). On a GPU each is about one kernel launch, a
     fixed host cost of ~10-40 us: the measure behind SLIM's GPU timings (BENCHMARKS.md section 1), the same on every
-    device."""
+    device. Counted in this thread: run it on CPU tensors (a GPU's backward runs in another thread)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Counter(TorchDispatchMode):
@@ -327,9 +327,13 @@ def train_benchmark(args: ModelBenchArgs, names: tuple[str, ...] = TRAIN_METHODS
     t = interleaved_medians({n: _train_step(m, batch) for n, m in models.items()}, reps=args.reps,
                             warmup=_warmup(args.device), sync=device_sync(args.device))
     tokens = args.batch_size * args.seq_len
-    return {n: {"step_s": t[n], "tokens_per_s": tokens / t[n],
-                "trainable_params": sum(p.numel() for p in models[n].parameters() if p.requires_grad)}
-            for n in names}
+    out = {n: {"step_s": t[n], "tokens_per_s": tokens / t[n],
+               "trainable_params": sum(p.numel() for p in models[n].parameters() if p.requires_grad)}
+           for n in names}
+    if torch.device(args.device).type == "cpu":  # counted where every op runs in this thread (see op_count)
+        for n, m in models.items():
+            out[n]["ops_per_step"] = op_count(_train_step(m, batch))  # forward, backward and optimizer step
+    return out
 
 
 def _proc_status() -> dict[str, int]:
@@ -480,6 +484,8 @@ def run_speed_bench(quick: bool = False, out: Path | None = None, base: str = "a
         "mask_fast_speedup": masking["mask_fast_speedup"],
         "layer_ops_slim_over_lora128": ops["slim"] / ops["lora128"],
     }
+    if "ops_per_step" in train["slim"]:
+        ratios["train_ops_slim_over_lora"] = train["slim"]["ops_per_step"] / train["lora"]["ops_per_step"]
     if layer_bf16 is not None:
         ratios["layer_bf16_slim_over_base"] = layer_bf16["slim_over_base"]
         ratios["layer_bf16_slim_over_lora128"] = layer_bf16["slim_over_lora128"]
@@ -550,7 +556,7 @@ def print_speed_tables(result: dict) -> None:
     peak = "torch.cuda peak allocation" if gpu else "RSS growth"
     t = Table(title=f"training step on the shipped base on {result['meta']['device']} (medians; peak = {peak} in "
                     "a fresh process)")
-    for col in ("method", "trainable", "step s", "tokens/s", "/ lora", "peak MiB", "/ lora"):
+    for col in ("method", "trainable", "step s", "tokens/s", "/ lora", "peak MiB", "/ lora", "ops"):
         t.add_column(col, justify="right" if col != "method" else "left")
     tr = result["train"]
     for n, rec in tr.items():
@@ -558,7 +564,7 @@ def print_speed_tables(result: dict) -> None:
         t.add_row(n, f"{rec['trainable_params']:,}", f"{rec['step_s']:.3f}", f"{rec['tokens_per_s']:.0f}",
                   f"{rec['tokens_per_s'] / tr['lora']['tokens_per_s']:.3f}",
                   "-" if peak is None else f"{peak:.1f}",
-                  "-" if peak is None else f"{peak / tr['lora']['peak_mib']:.3f}")
+                  "-" if peak is None else f"{peak / tr['lora']['peak_mib']:.3f}", str(rec.get("ops_per_step", "-")))
     con.print(t)
     batches = result["meta"]["model"]["infer_batches"]
     wide = f"{result['meta']['model']['wide_layers']} layers of TinyLlama-1.1B's shape"
