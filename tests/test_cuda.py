@@ -94,7 +94,7 @@ def test_layer_on_cuda_equals_cpu_in_training_and_eval(cfg):
     nomask = _layer(SlimConfig(mask_mode="none", **shape))
     x = torch.randn(3, 10, nomask.d_in, generator=torch.Generator().manual_seed(2))
     cpu = _fwd_bwd(nomask.train(), x, "auto")
-    gpu = _fwd_bwd(copy.deepcopy(nomask).cuda().train(), x.cuda(), "auto")  # auto: sparse on the GPU
+    gpu = _fwd_bwd(copy.deepcopy(nomask).cuda().train(), x.cuda(), "auto")  # auto: dense, as on the CPU
     for a, b in zip(cpu, gpu):
         _close(b, a)
     layer = _layer(SlimConfig(**shape))
