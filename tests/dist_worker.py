@@ -30,6 +30,7 @@ def main(out: Path) -> None:
     tensors.update({f"init.{k}": v for k, v in after_init.items()})
     tensors.update({f"batch{i}": b.contiguous() for i, b in enumerate(batches)})
     save_file(tensors, str(out / f"rank{rank}.safetensors"))
+    dist.barrier()  # leave together: a rank tearing gloo down while another still works has aborted once
     dist.destroy_process_group()
 
 

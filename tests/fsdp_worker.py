@@ -55,6 +55,7 @@ def main(out: Path, extra: dict) -> None:
     if rank == 0:
         save_file(tensors, str(out / "adapter.safetensors"))
         (out / "result.json").write_text(json.dumps({"losses": losses, "param_type": sharded}))
+    dist.barrier()  # leave together: a rank tearing gloo down while another still works has aborted once
     dist.destroy_process_group()
 
 
