@@ -41,6 +41,24 @@ def tiny_bert(seed: int = 0, dtype: torch.dtype = torch.float32):
 FAMILIES = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
 
 
+def fitted_slim_layer(cfg, d_in: int = 24, d_out: int = 20, seed: int = 0):
+    """A SlimLinear (left in training mode) with a non-zero B, a spread router and clusters fitted by a few
+    training-mode passes."""
+    from torch import nn
+
+    from slimpeft import SlimLinear
+
+    g = torch.Generator().manual_seed(seed)
+    layer = SlimLinear(nn.Linear(d_in, d_out).requires_grad_(False), cfg, "blocks.0.mlp")
+    with torch.no_grad():
+        layer.experts.lora_B.normal_(0.0, 0.5, generator=g)
+        layer.router.normal_(0.0, 0.5, generator=g)
+        layer.train()
+        for _ in range(3):
+            layer(torch.randn(4, 16, d_in, generator=g))
+    return layer
+
+
 def model_output(model, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     out = model(input_ids=ids, attention_mask=torch.ones_like(ids) if mask is None else mask)
     return out.logits if hasattr(out, "logits") and out.logits is not None else out.last_hidden_state

@@ -11,7 +11,6 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
 from slimpeft import SlimConfig, SlimLinear
 
@@ -31,17 +30,11 @@ def _exact_float32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
-def _layer(cfg: SlimConfig, d_in: int = 48, d_out: int = 40, seed: int = 0) -> SlimLinear:
-    """A SlimLinear with a non-zero B, a spread router and clusters fitted by a few training-mode passes."""
-    g = torch.Generator().manual_seed(seed)
-    layer = SlimLinear(nn.Linear(d_in, d_out).requires_grad_(False), cfg, "blocks.0.mlp")
-    with torch.no_grad():
-        layer.experts.lora_B.normal_(0.0, 0.5, generator=g)
-        layer.router.normal_(0.0, 0.5, generator=g)
-        layer.train()
-        for _ in range(3):
-            layer(torch.randn(4, 16, d_in, generator=g))
-    return layer
+def _layer(cfg: SlimConfig) -> SlimLinear:
+    """conftest.fitted_slim_layer at 48 -> 40 (left in training mode)."""
+    from conftest import fitted_slim_layer
+
+    return fitted_slim_layer(cfg, 48, 40)
 
 
 def _fwd_bwd(layer: SlimLinear, x: torch.Tensor, dispatch: str) -> tuple[torch.Tensor, ...]:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 from slimpeft import SlimConfig, SlimLinear
 from slimpeft.bench.speed import TARGETS, LayerShape, ModelBenchArgs, peak_step_memory, run_speed_bench
@@ -20,16 +19,10 @@ BASE = Path(__file__).resolve().parents[1] / "assets" / "base"
 
 
 def _trained_layer(cfg: SlimConfig, d_in: int = 24, d_out: int = 20, seed: int = 0) -> SlimLinear:
-    """A SlimLinear whose clusters were fitted by a few training-mode passes and whose B is non-zero."""
-    g = torch.Generator().manual_seed(seed)
-    layer = SlimLinear(nn.Linear(d_in, d_out).requires_grad_(False), cfg, "blocks.0.mlp")
-    with torch.no_grad():
-        layer.experts.lora_B.normal_(0.0, 0.5, generator=g)
-        layer.router.normal_(0.0, 0.5, generator=g)
-        layer.train()
-        for _ in range(3):
-            layer(torch.randn(4, 16, d_in, generator=g))
-    return layer.eval()
+    """A SlimLinear whose clusters were fitted by a few training-mode passes and whose B is non-zero, in eval mode."""
+    from conftest import fitted_slim_layer
+
+    return fitted_slim_layer(cfg, d_in, d_out, seed).eval()
 
 
 def _reference_eval(layer: SlimLinear, x: torch.Tensor) -> torch.Tensor:
