@@ -153,6 +153,47 @@ def test_unknown_config_option_falls_back_to_reference_path():
     assert layer._eval_cache is None
 
 
+@pytest.mark.parametrize("overrides", [{}, {"mask_mode": "none", "router_lr_scale": 0.1},
+                                       {"balance_coef": 0.05, "identity_gate": "yield", "yield_in_training": True}],
+                         ids=_variant_id)
+def test_training_path_in_one_matmul_equals_the_unfused_path(overrides):
+    """The training forward puts the router and every down-projection in one matmul and adds the mix into the
+    nn.Linear's own output in place; the unfused path (router, then the experts, then a new output tensor: the
+    sparse dispatch) gives the same outputs, auxiliary losses, gradients (input, A, B, router) and cluster updates,
+    over two steps with fresh masks."""
+    import copy
+
+    from conftest import fitted_slim_layer
+
+    fused = fitted_slim_layer(SlimConfig(**overrides))
+    plain = copy.deepcopy(fused)
+    plain.dispatch = "sparse"
+    g = torch.Generator().manual_seed(11)
+    runs = {}
+    for name, layer in (("fused", fused), ("plain", plain)):
+        got = []
+        for step in range(2):
+            torch.manual_seed(100 + step)  # the same mask draw in both
+            x = torch.randn(3, 8, 24, generator=torch.Generator().manual_seed(step)).requires_grad_(True)
+            layer.ctx.reset(None)
+            y = layer(x)
+            aux = sum(layer.ctx.aux_losses, torch.zeros(()))
+            ((y * torch.randn(y.shape, generator=g)).sum() + aux).backward()
+            got.append({"y": y.detach(), "aux": aux.detach(), "dx": x.grad,
+                        **{f"d_{n}": p.grad.clone() for n, p in layer.named_parameters() if p.requires_grad}})
+            layer.zero_grad(set_to_none=True)
+        got.append({f"buf_{n}": b.clone() for n, b in layer.named_buffers()})
+        runs[name] = got
+        g = torch.Generator().manual_seed(11)  # the same output gradients for the second layer
+    assert runs["fused"][0]["y"].shape == (3, 8, 20) and runs["fused"][0]["dx"].shape == (3, 8, 24)
+    for a, b in zip(runs["fused"], runs["plain"]):
+        assert a.keys() == b.keys()
+        for k in a:
+            tol = 1e-6 * (1.0 + b[k].float().abs().max())  # float32 sums in another order: relative to the scale
+            assert torch.allclose(a[k].float(), b[k].float(), rtol=1e-5, atol=tol), (k, (a[k] - b[k]).abs().max())
+    assert runs["fused"][0]["d_router"].abs().sum() > 0 and runs["fused"][0]["d_experts.lora_A"].abs().sum() > 0
+
+
 def test_dense_gate_without_sync_equals_scatter_of_lora_slots():
     g = torch.Generator().manual_seed(3)
     idx = torch.stack([torch.randperm(7, generator=g)[:3] for _ in range(50)])  # 5 LoRA + 2 identity experts

@@ -99,23 +99,27 @@ def stack_B(B: torch.Tensor) -> torch.Tensor:
 
 
 def dense_mix(h: torch.Tensor, B_cat: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, n_experts: int,
-              scaling: float, base: torch.Tensor | None) -> torch.Tensor:
+              scaling: float, base: torch.Tensor | None, *, inplace: bool = False) -> torch.Tensor:
     """Routed up-projection of the down-projections h (n, e*r) (a strided view is fine) -> (n, o), plus ``base``.
 
     The routing weights and the scale are applied to the small (n, e*r) activations, and the addition of the base
-    output is fused into the matmul (one pass over the (n, o) output instead of three).
+    output is fused into the matmul (one pass over the (n, o) output instead of three). ``inplace``: see gated_mix.
     """
     gate = _dense_gate(weights.to(h.dtype), indices, n_experts) * scaling  # (n, e), the scale folded in (small)
-    return gated_mix(h, B_cat, gate, base)
+    return gated_mix(h, B_cat, gate, base, inplace=inplace)
 
 
-def gated_mix(h: torch.Tensor, B_cat: torch.Tensor, gate: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
+def gated_mix(h: torch.Tensor, B_cat: torch.Tensor, gate: torch.Tensor, base: torch.Tensor | None, *,
+              inplace: bool = False) -> torch.Tensor:
     """base + sum_e gate[:, e] * h_e @ B_e: h (n, e*r) (a strided view is fine), gate (n, e) (scale included; a
-    column slice is fine), B_cat (e*r, o) -> (n, o), the base addition fused into the matmul."""
+    column slice is fine), B_cat (e*r, o) -> (n, o), the base addition fused into the matmul.
+
+    ``inplace``: written into ``base`` (of h's dtype), which saves a copy of the (n, o) output; only for a base
+    output that nothing else reads and whose producer's backward does not need it (a plain nn.Linear's)."""
     n, e = gate.shape
     hw = (h.view(n, e, -1) * gate[:, :, None]).reshape(n, -1)  # (n, e*r)
     if base is not None and base.dtype == hw.dtype:
-        return torch.addmm(base, hw, B_cat)  # base + hw @ B_cat in one pass
+        return base.addmm_(hw, B_cat) if inplace else torch.addmm(base, hw, B_cat)  # base + hw @ B_cat, one pass
     y = hw @ B_cat  # (n, o)
     return y if base is None else base + y.to(base.dtype)
 

@@ -23,9 +23,9 @@ from torch import nn
 
 from .clustering import SlidingClusters
 from .config import SlimConfig
-from .experts import Dispatch, LoraExperts, auto_dispatch, gated_mix, stack_B
+from .experts import Dispatch, LoraExperts, auto_dispatch, dense_mix, gated_mix, stack_B
 from .masking import apply_fast_masks, dare_delta, dare_mask, fast_masks
-from .router import lora_balance_loss, route
+from .router import lora_balance_loss, route, route_logits
 
 
 @dataclass
@@ -177,12 +177,15 @@ class SlimLinear(nn.Module):
         if merged and self.ctx.unflagged and not args and not kwargs:
             # every token goes to the one LoRA expert with weight 1: base + (alpha/r) B A x in one matmul
             return F.linear(x, self._merged_weight(), self.base_layer.bias)
-        result = self.base_layer(x, *args, **kwargs)
-        if self.disabled:
-            return result
         cfg = self.config
         lead = x.shape[:-1]
         xf = x.reshape(-1, self.d_in)  # (n, i)
+        # a plain nn.Linear runs on the flattened tokens: its (n, o) output is then a fresh tensor (no view of a
+        # (b, t, o) one) that the experts add into in place -- its backward reads x and W, never its output
+        own = type(self.base_layer) is nn.Linear and not args and not kwargs
+        result = self.base_layer(xf) if own else self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return self._as_base(result, lead, own)
         if merged and cfg.n_identity_experts >= cfg.top_k and cfg.yield_strength > 0:
             # flagged calls: where every token is flagged (d > 0: its identity logits are the yield, else -inf) and its
             # yield beats the LoRA expert's router logit, the top-K holds identity experts only and the output is the
@@ -190,27 +193,48 @@ class SlimLinear(nn.Module):
             d = self._ood_score(xf, lead, None)  # (n,) the scoring pass's score for these tokens
             logit = xf.float() @ self.router_weight()[0].detach().float()  # (n,) the LoRA expert's router logit
             if bool(((d > 0) & (cfg.yield_strength * d > logit)).all()):
-                return result
+                return self._as_base(result, lead, own)
         if self.ctx.phase == "score":  # the scoring pass of ood_source "prepass": score the base's hidden states
             if self.ctx.score_lead is None or xf.shape[0] == self.ctx.score_lead[0] * self.ctx.score_lead[1]:
                 self._ood_score(xf, lead, valid_token_mask(self.ctx.attention_mask, lead))
-            return result
+            return self._as_base(result, lead, own)
+        # (n, o): result itself when own (a view, even of the same shape, would make autograd rebase the in-place
+        # addition onto result through a copy of the whole gradient)
+        base = result if own else result.reshape(-1, self.d_out)
         if self._fast_eval():
-            return self._eval_forward(xf, result.reshape(-1, self.d_out), lead).view(*lead, self.d_out)
+            return self._eval_forward(xf, base, lead, inplace=own).view(*lead, self.d_out)
         valid = valid_token_mask(self.ctx.attention_mask, lead)  # (n,) bool or None
         d = self._ood_score(xf, lead, valid)  # (n,) float32 or None
         gamma = 0.0 if self.training and not cfg.yield_in_training else cfg.yield_strength
-        ro = route(xf, self.router_weight(), "top_k", top_k=cfg.top_k, d=d, n_lora=cfg.n_lora_experts,
-                   yield_strength=gamma, identity_gate=cfg.identity_gate)
+        route_kw = dict(top_k=cfg.top_k, d=d, n_lora=cfg.n_lora_experts, yield_strength=gamma,
+                        identity_gate=cfg.identity_gate)
+        A, B, delta = self._masked_weights()
+        ex = self.experts
+        dispatch = auto_dispatch(cfg.top_k, ex.n_experts, x.device) if self.dispatch == "auto" else self.dispatch
+        if delta is None and dispatch == "dense":
+            # the router and every expert's down-projection in one matmul: one pass over x forward, and backward one
+            # matmul each for x's gradient and for the weights' (autograd splits the latter back through the cat)
+            A = ex.lora_A if A is None else A
+            e, r, i = A.shape
+            W = torch.cat([A.reshape(e * r, i), self.router_weight().float()])  # (e*r + E, i)
+            H = xf.to(A.dtype) @ W.T  # (n, e*r + E)
+            ro = route_logits(H[:, e * r :].float(), "top_k", **route_kw)
+            B = ex.lora_B if B is None else B
+            y = dense_mix(H[:, : e * r], stack_B(B), ro.weights, ro.indices, e, ex.scaling, base,
+                          inplace=own)  # (n, o) = base + delta
+        else:
+            ro = route(xf, self.router_weight(), "top_k", **route_kw)
+            y = ex(xf, ro.weights, ro.indices, A=A, B=B, delta=delta, base=base, dispatch=dispatch)
         if self.training and cfg.balance_coef > 0.0 and torch.is_grad_enabled():
             self.ctx.aux_losses.append(cfg.balance_coef * lora_balance_loss(ro.logits, ro.indices, ro.weights,
                                                                             cfg.n_lora_experts, valid))
-        A, B, delta = self._masked_weights()
-        y = self.experts(xf, ro.weights, ro.indices, A=A, B=B, delta=delta, base=result.reshape(-1, self.d_out),
-                         dispatch=self.dispatch)  # (n, o) = base + delta
         if self.ctx.record:
             self._record(ro.weights, ro.indices, d, valid, lead)
         return y.view(*lead, self.d_out)
+
+    def _as_base(self, result: torch.Tensor, lead: torch.Size, own: bool) -> torch.Tensor:
+        """The base layer's output in the shape the base layer alone returns (own: it ran on the flat tokens)."""
+        return result.view(*lead, self.d_out) if own else result
 
     def l1_penalty(self) -> torch.Tensor:
         return self.experts.l1_penalty()
@@ -227,12 +251,13 @@ class SlimLinear(nn.Module):
         return (not self.training and not torch.is_grad_enabled() and not self.ctx.record and cfg.mask_mode != "dare"
                 and all(getattr(cfg, name) == default for name, default in self._new_options))
 
-    def _eval_forward(self, xf: torch.Tensor, base: torch.Tensor, lead: torch.Size) -> torch.Tensor:
+    def _eval_forward(self, xf: torch.Tensor, base: torch.Tensor, lead: torch.Size, inplace: bool = False
+                      ) -> torch.Tensor:
         """The reference forward's result in eval mode (same math, checked by tests/test_speed.py) with what does not
         change between calls cached: one addmm for centres, router and down-projections; no mask draw; no copy of B.
         Per-token scores on the layer's own clusters are computed here; pooled or carried scores go through the
         reference path's ``_ood_score`` with the nearest centres and aggregates taken from the fused matmul.
-        xf (n, i), base (n, o) -> (n, o)."""
+        xf (n, i), base (n, o) -> (n, o); ``inplace``: the result is written into ``base``."""
         cfg, ew = self.config, self._eval_weights()
         x = xf.float()
         H = torch.addmm(ew.bias, x, ew.W.T)  # (n, c + E + e*r)
@@ -265,7 +290,7 @@ class SlimLinear(nn.Module):
         dispatch = auto_dispatch(cfg.top_k, n_lora, x.device) if self.dispatch == "auto" else self.dispatch
         if dispatch == "dense":
             gate = logits.new_zeros(logits.shape).scatter_(1, idx, w)[:, :n_lora]  # (n, e): identity columns dropped
-            return gated_mix(H[:, c + E :], ew.B_cat, gate, base)  # B_cat carries the scale
+            return gated_mix(H[:, c + E :], ew.B_cat, gate, base, inplace=inplace)  # B_cat carries the scale
         return self.experts(x, w, idx, A=ew.A, B=ew.B, base=base, dispatch="sparse")
 
     def _eval_weights(self) -> EvalWeights:

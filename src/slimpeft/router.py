@@ -111,7 +111,26 @@ def route(
     valid: torch.Tensor | None = None,
 ) -> RouterOutput:
     """Router logits (float32, no bias) -> yielding -> selection -> auxiliary loss. x (n, i), router (e, i)."""
-    logits = F.linear(x.float(), router_weight.float())  # (n, e)
+    return route_logits(F.linear(x.float(), router_weight.float()), how, top_k=top_k, top_p=top_p, d=d, n_lora=n_lora,
+                        yield_strength=yield_strength, identity_gate=identity_gate, balance_coef=balance_coef,
+                        valid=valid)
+
+
+def route_logits(
+    logits: torch.Tensor,
+    how: Selection,
+    *,
+    top_k: int = 2,
+    top_p: float = 0.8,
+    d: torch.Tensor | None = None,
+    n_lora: int | None = None,
+    yield_strength: float = 0.0,
+    identity_gate: str = "router",
+    balance_coef: float = 0.0,
+    valid: torch.Tensor | None = None,
+) -> RouterOutput:
+    """``route`` from router logits (n, e) float32 the caller computed, e.g. in one matmul with the experts'
+    down-projections (SlimLinear's training path)."""
     if n_lora is not None:
         logits = apply_yielding(logits, d, n_lora, yield_strength, identity_gate)
     weights, idx, probs = select(logits, how, top_k=top_k, top_p=top_p, need_probs=balance_coef > 0.0)
