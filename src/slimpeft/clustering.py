@@ -79,8 +79,9 @@ class SlidingClusters(nn.Module):
         dist2 = (c * c).sum(-1)[None, :] - 2.0 * (x @ c.T)  # (n, c)
         k = dist2.argmin(-1)  # (n,)
         inv_sd = self.inv_sd()  # (c, i): once per call, not per token
-        # index_select, not c[k]: a row gather that is ~3x faster on CPU than advanced indexing
-        z = (x - c.index_select(0, k)).abs_().mul_(inv_sd.index_select(0, k))  # (n, i)
+        # index_select, not c[k]: a row gather that is ~3x faster on CPU than advanced indexing; |c_k - x| in place
+        # on the gathered rows (equal to |x - c_k| bit for bit): one (n, i) allocation less, i.e. fewer fresh pages
+        z = c.index_select(0, k).sub_(x).abs_().mul_(inv_sd.index_select(0, k))  # (n, i)
         return k, self.aggregate(z)
 
     def aggregate(self, z: torch.Tensor) -> torch.Tensor:

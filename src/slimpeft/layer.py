@@ -267,7 +267,7 @@ class SlimLinear(nn.Module):
         def assign() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             k = H[:, :c].argmax(-1)  # (n,) nearest centre
             g = ew.table.index_select(0, k)  # (n, 2i + 2): each token's row of the table
-            z = (x - g[:, :i]).abs_().mul_(g[:, i : 2 * i])  # (n, i) per-channel z-scores
+            z = g[:, :i].sub_(x).abs_().mul_(g[:, i : 2 * i])  # (n, i) per-channel z-scores, in g's own rows
             return k, self.clusters.aggregate(z), g
 
         bump = None  # (n,) gamma d(x): the yield of each token's identity logits
