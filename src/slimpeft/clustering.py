@@ -53,6 +53,141 @@ def _all_gather_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
 
 
+def _floored(var: torch.Tensor, floor: float) -> torch.Tensor:
+    """var_k <- max(var_k, floor * mean over clusters of var), per channel for (c, i), or for (c,)."""
+    var = var.clamp_min(_EPS)
+    return torch.maximum(var, floor * var.mean(0, keepdim=True)) if floor > 0 else var
+
+
+# CPU: per-channel z-scores are computed this many elements (rows x channels) at a time. Fresh multi-MB tensors
+# cost a page fault per 4 KiB page under glibc's allocator (it returns freed blocks to the OS), which made a layer's
+# (n, i) z-score temporaries ~20 x slower than their arithmetic; 1 MiB blocks are reused without faults
+# (BENCHMARKS.md section 1). On a GPU the caching allocator has no such cost, and every extra op is a kernel launch:
+# one block there.
+_CPU_BLOCK_ELEMENTS = 2**18
+
+
+def _block_rows(x: torch.Tensor) -> int:
+    """Rows of x (n, i) per block of the z-score computation: all of them off the CPU."""
+    if x.device.type != "cpu":
+        return x.shape[0]
+    return max(1, _CPU_BLOCK_ELEMENTS // max(1, x.shape[1]))
+
+
+def _assign(x: torch.Tensor, centers: torch.Tensor, inv_sd: torch.Tensor, distance: str
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest centre k (n,) and aggregate z-score agg (n,) of tokens x (n, i) against centres (c, i) of 1 / sd
+    inv_sd (c, i)."""
+    # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2; ||x||^2 is constant per row, so it drops out of the argmin.
+    dist2 = (centers * centers).sum(-1)[None, :] - 2.0 * (x @ centers.T)  # (n, c)
+    k = dist2.argmin(-1)  # (n,)
+    n, rows = x.shape[0], _block_rows(x)
+    if rows >= n:  # one block: always off the CPU
+        return k, _block_aggregate(x, k, centers, inv_sd, distance)
+    agg = x.new_empty(n)
+    for s in range(0, n, rows):
+        agg[s : s + rows] = _block_aggregate(x[s : s + rows], k[s : s + rows], centers, inv_sd, distance)
+    return k, agg
+
+
+def _block_aggregate(x: torch.Tensor, k: torch.Tensor, centers: torch.Tensor, inv_sd: torch.Tensor, distance: str
+                     ) -> torch.Tensor:
+    """Aggregate z-scores (rows,) of tokens x (rows, i) against their centres k (rows,)."""
+    # index_select, not c[k]: a row gather that is ~3x faster on CPU than advanced indexing; |c_k - x| in place on
+    # the gathered rows (equal to |x - c_k| bit for bit)
+    z = centers.index_select(0, k).sub_(x).abs_().mul_(inv_sd.index_select(0, k))  # (rows, i)
+    return _aggregate(z, distance)
+
+
+def _aggregate(z: torch.Tensor, distance: str) -> torch.Tensor:
+    """Per-channel z-scores (n, i) -> one aggregate per token (n,): 'max' or 'rms'."""
+    return z.amax(-1) if distance == "max" else z.square().mean(-1).sqrt()
+
+
+def _token_u(agg: torch.Tensor, k: torch.Tensor, agg_mean: torch.Tensor, agg_var: torch.Tensor, kind: str,
+             floor: float, threshold_std: float) -> torch.Tensor:
+    """Per-token value (n,) from the aggregates: the score d >= 0 of ood_score ``kind`` ('paper', 'calibrated',
+    'standardized'), or (kind 'u') the standardized aggregate (agg - mu_k) / sd_k."""
+    if kind == "paper":  # a = b = 1 (score_affine), without the launches that multiply by one
+        return (agg - 1.0).clamp_min(0.0)
+    sd = _floored(agg_var, floor).sqrt()  # (c,)
+    if kind == "calibrated":  # a = 1
+        return (agg - (agg_mean + threshold_std * sd)[k]).clamp_min(0.0)
+    if kind == "u":
+        return (agg - agg_mean[k]) / sd[k]
+    inv = 1.0 / sd
+    return (agg * inv[k] - (agg_mean * inv + threshold_std)[k]).clamp_min(0.0)
+
+
+def _local_sums(x: torch.Tensor, k: torch.Tensor, agg: torch.Tensor, w: torch.Tensor, c: int,
+                scatter: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """This process's weighted sums for a sliding step: (c, 1 + 2i) counts, sums and sums of squares of the tokens
+    x (n, i) per cluster k (n,), and (3, c) the same of their aggregates agg (n,); w (n,) 1 for the tokens that
+    count, 0 for padding. ``scatter``: row scatter-adds (default on a CPU) or a one-hot matmul (elsewhere)."""
+    agg_stats = _agg_local_sums(agg, k, w, c)
+    if (x.device.type == "cpu") if scatter is None else scatter:
+        # row scatter-adds, ~3-4 x faster than the one-hot matmul on a CPU (BENCHMARKS.md section 1); padding goes to
+        # a spare row c that is dropped. On a GPU they would be atomic adds (run-to-run nondeterministic): the
+        # matmul stays there.
+        kk = torch.where(w > 0, k, c)  # (n,)
+        s1 = x.new_zeros(c + 1, x.shape[1]).index_add_(0, kk, x)  # (c + 1, i)
+        s2 = torch.zeros_like(s1)
+        rows = _block_rows(x)
+        for s in range(0, x.shape[0], rows):  # the squares by blocks, as the z-scores (fresh pages)
+            xs = x[s : s + rows]
+            s2.index_add_(0, kk[s : s + rows], xs * xs)
+        return torch.cat([agg_stats[0][:, None], s1[:c], s2[:c]], dim=1), agg_stats  # (c, 1 + 2i)
+    onehot = x.new_zeros(x.shape[0], c).scatter_(1, k[:, None], w[:, None])  # (n, c)
+    stats = torch.cat([onehot.sum(0)[:, None], onehot.T @ x, onehot.T @ (x * x)], dim=1)  # (c, 1 + 2i)
+    return stats, agg_stats
+
+
+def _agg_local_sums(agg: torch.Tensor, k: torch.Tensor, w: torch.Tensor, c: int) -> torch.Tensor:
+    """(3, c) weighted count, sum and sum of squares of the aggregates agg (n,) per cluster k (n,), this process."""
+    stats = torch.zeros(3, c, device=agg.device)
+    stats[0].index_add_(0, k, w)
+    stats[1].index_add_(0, k, agg * w)
+    stats[2].index_add_(0, k, agg * agg * w)
+    return stats
+
+
+def _slide(stats: torch.Tensor, agg_stats: torch.Tensor, centers: torch.Tensor, variances: torch.Tensor,
+           agg_mean: torch.Tensor, agg_var: torch.Tensor, m: float
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The EMA step from summed statistics: new (c, i + 1) means and variances (channels, then the aggregate's
+    column) and whether any cluster got a token ().
+
+    Channels and aggregate side by side as one (c, i + 1) matrix of means and one of variances, so that the update is
+    a few launches instead of one set per statistic (a GPU pays a fixed host cost per kernel); the formulas are those
+    of the statistics taken one by one, element for element."""
+    i = centers.shape[1]
+    count, s1, s2 = stats[:, 0], stats[:, 1 : 1 + i], stats[:, 1 + i :]
+    hit = (count > 0)[:, None]  # (c, 1): clusters that got a token; the others keep their statistics
+    n_k = count.clamp_min(1.0)[:, None]  # equals count where hit
+    mean = torch.cat([s1, agg_stats[1][:, None]], dim=1) / n_k  # (c, i + 1)
+    var = torch.cat([s2, agg_stats[2][:, None]], dim=1) / n_k - mean * mean  # (c, i + 1)
+    var[:, :i].clamp_min_(0.0)  # channel variances; the aggregate's is floored at _EPS
+    var[:, i:].clamp_min_(_EPS)
+    old_mean = torch.cat([centers, agg_mean[:, None]], dim=1)  # (c, i + 1)
+    old_var = torch.cat([variances, agg_var[:, None]], dim=1)
+    new_var = m * old_var + (1.0 - m) * var
+    new_var[:, :i].clamp_min_(_EPS)
+    new_mean = torch.where(hit, m * old_mean + (1.0 - m) * mean, old_mean)
+    new_var = torch.where(hit, new_var, old_var)
+    return new_mean, new_var, hit.any()
+
+
+def _score_and_sums(x: torch.Tensor, w: torch.Tensor, centers: torch.Tensor, variances: torch.Tensor,
+                    agg_mean: torch.Tensor, agg_var: torch.Tensor, distance: str, kind: str, floor: float,
+                    threshold_std: float) -> tuple[torch.Tensor, ...]:
+    """A training step's work before the all-reduce: nearest centres k, aggregates agg, the per-token value of
+    ``_token_u`` (kind), and the local sums of ``_local_sums``."""
+    k, agg = _assign(x, centers, torch.rsqrt(_floored(variances, floor)), distance)
+    u = _token_u(agg, k, agg_mean, agg_var, kind, floor, threshold_std)
+    stats, agg_stats = _local_sums(x, k, agg, w, centers.shape[0])
+    return k, agg, u, stats, agg_stats
+
+
 class SlidingClusters(nn.Module):
     """EMA clusters over a layer's inputs and the calibrated out-of-domain score computed from them."""
 
@@ -74,25 +209,15 @@ class SlidingClusters(nn.Module):
     @torch.no_grad()
     def assign(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Nearest centre k (n,) and aggregate per-channel z-score agg (n,) of tokens x (n, i), float32."""
-        c = self.centers
-        # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2; ||x||^2 is constant per row, so it drops out of the argmin.
-        dist2 = (c * c).sum(-1)[None, :] - 2.0 * (x @ c.T)  # (n, c)
-        k = dist2.argmin(-1)  # (n,)
-        inv_sd = self.inv_sd()  # (c, i): once per call, not per token
-        # index_select, not c[k]: a row gather that is ~3x faster on CPU than advanced indexing; |c_k - x| in place
-        # on the gathered rows (equal to |x - c_k| bit for bit): one (n, i) allocation less, i.e. fewer fresh pages
-        z = c.index_select(0, k).sub_(x).abs_().mul_(inv_sd.index_select(0, k))  # (n, i)
-        return k, self.aggregate(z)
+        return _assign(x, self.centers, self.inv_sd(), self.config.distance)
 
     def aggregate(self, z: torch.Tensor) -> torch.Tensor:
         """Per-channel z-scores (n, i) -> one aggregate per token (n,) under ``distance`` (max or rms)."""
-        return z.amax(-1) if self.config.distance == "max" else z.square().mean(-1).sqrt()
+        return _aggregate(z, self.config.distance)
 
     def _floored(self, var: torch.Tensor) -> torch.Tensor:
         """var_k <- max(var_k, spread_floor * mean over clusters of var), per channel for (c, i), or for (c,)."""
-        f = self.config.spread_floor
-        var = var.clamp_min(_EPS)
-        return torch.maximum(var, f * var.mean(0, keepdim=True)) if f > 0 else var
+        return _floored(var, self.config.spread_floor)
 
     def inv_sd(self) -> torch.Tensor:
         """1 / sd of every cluster's channels (floored), (c, i)."""
@@ -108,7 +233,7 @@ class SlidingClusters(nn.Module):
 
     def standardize(self, agg: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """u = (agg - mu_k) / sd_k: the aggregate in units of cluster k's in-domain spread, (n,)."""
-        return (agg - self.agg_mean[k]) / self.agg_sd()[k]
+        return self._token_u(agg, k, "u")
 
     def score_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(a, b), each (c,), such that the per-token score is d = max(0, a_k agg - b_k) under ``ood_score``:
@@ -126,13 +251,11 @@ class SlidingClusters(nn.Module):
 
     def token_score(self, agg: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """Per-token d >= 0 under the configured ``ood_score``, (n,)."""
-        mode = self.config.ood_score
-        if mode == "paper":  # a = b = 1 (score_affine), without the launches that multiply by one
-            return (agg - 1.0).clamp_min(0.0)
-        if mode == "calibrated":  # a = 1
-            return (agg - self.calibrated_tau()[k]).clamp_min(0.0)
-        a, b = self.score_affine()
-        return (agg * a[k] - b[k]).clamp_min(0.0)
+        return self._token_u(agg, k, self.config.ood_score)
+
+    def _token_u(self, agg: torch.Tensor, k: torch.Tensor, kind: str) -> torch.Tensor:
+        cfg = self.config
+        return _token_u(agg, k, self.agg_mean, self.agg_var, kind, cfg.spread_floor, cfg.threshold_std)
 
     def pooled_score(self, pooled_u: torch.Tensor) -> torch.Tensor:
         """d >= 0 of a pooled standardized score, in units of its own in-domain spread."""
@@ -166,45 +289,44 @@ class SlidingClusters(nn.Module):
         ``valid`` (n,) bool marks the tokens that count (padding does not); it weights the tokens instead of
         selecting them, so no (n, i) copy and no host sync is needed. A step with no valid token changes nothing.
         """
-        m = self.config.cluster_momentum
-        c, i = self.centers.shape
-        w = x.new_ones(x.shape[0]) if valid is None else valid.to(x.dtype)  # (n,) 1 = counts, 0 = padding
-        onehot = x.new_zeros(x.shape[0], c).scatter_(1, k[:, None], w[:, None])  # (n, c)
-        # one all-reduce carries counts (c), sums (c, i) and sums of squares (c, i)
-        stats = torch.cat([onehot.sum(0)[:, None], onehot.T @ x, onehot.T @ (x * x)], dim=1)  # (c, 1 + 2i)
-        stats = _all_reduce_sum(stats)
-        agg_stats = self._agg_sums(agg, k, w)  # (3, c): the same counts, sums and sums of squares of agg
-        count, s1, s2 = stats[:, 0], stats[:, 1 : 1 + i], stats[:, 1 + i :]
-        # Channels and aggregate side by side as one (c, i + 1) matrix of means and one of variances, so that the
-        # update is a few launches instead of one set per statistic (a GPU pays a fixed host cost per kernel); the
-        # formulas are those of the statistics taken one by one, element for element
-        hit = (count > 0)[:, None]  # (c, 1): clusters that got a token; the others keep their statistics
-        n_k = count.clamp_min(1.0)[:, None]  # equals count where hit
-        mean = torch.cat([s1, agg_stats[1][:, None]], dim=1) / n_k  # (c, i + 1)
-        var = torch.cat([s2, agg_stats[2][:, None]], dim=1) / n_k - mean * mean  # (c, i + 1)
-        var[:, :i].clamp_min_(0.0)  # channel variances; the aggregate's is floored at _EPS
-        var[:, i:].clamp_min_(_EPS)
-        old_mean = torch.cat([self.centers, self.agg_mean[:, None]], dim=1)  # (c, i + 1)
-        old_var = torch.cat([self.variances, self.agg_var[:, None]], dim=1)
-        new_var = m * old_var + (1.0 - m) * var
-        new_var[:, :i].clamp_min_(_EPS)
-        new_mean = torch.where(hit, m * old_mean + (1.0 - m) * mean, old_mean)
-        new_var = torch.where(hit, new_var, old_var)
+        self.finish_step(_local_sums(x, k, agg, self._token_weights(x, valid), self.centers.shape[0]))
+
+    @torch.no_grad()
+    def score_step(self, x: torch.Tensor, valid: torch.Tensor | None, kind: str
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """A training step's scoring and local statistics in one call: (k, agg, u, sums), u the per-token value of
+        ``kind`` (an ``ood_score`` mode, or 'u': the standardized aggregate) from the statistics before this step;
+        ``finish_step(sums)`` then slides the clusters. Equal to ``assign``, ``token_score`` / ``standardize`` and
+        ``update``."""
+        cfg = self.config
+        k, agg, u, stats, agg_stats = _score_and_sums(x, self._token_weights(x, valid), self.centers, self.variances,
+                                                      self.agg_mean, self.agg_var, cfg.distance, kind,
+                                                      cfg.spread_floor, cfg.threshold_std)
+        return k, agg, u, (stats, agg_stats)
+
+    @torch.no_grad()
+    def finish_step(self, sums: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Slide the clusters by the local sums of ``score_step`` / ``_local_sums``, summed over processes (one
+        all-reduce each for the channel and the aggregate statistics)."""
+        stats, agg_stats = (_all_reduce_sum(t) for t in sums)
+        new_mean, new_var, any_hit = _slide(stats, agg_stats, self.centers, self.variances, self.agg_mean,
+                                            self.agg_var, self.config.cluster_momentum)
+        i = self.centers.shape[1]
         self.centers.copy_(new_mean[:, :i])
         self.agg_mean.copy_(new_mean[:, i])
         self.variances.copy_(new_var[:, :i])
         self.agg_var.copy_(new_var[:, i])
-        self.n_updates.add_(hit.any())
+        self.n_updates.add_(any_hit)
+
+    @staticmethod
+    def _token_weights(x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        return x.new_ones(x.shape[0]) if valid is None else valid.to(x.dtype)  # (n,) 1 = counts, 0 = padding
 
     @torch.no_grad()
     def _agg_sums(self, agg: torch.Tensor, k: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """(3, c) weighted count, sum and sum of squares of the aggregates agg (n,) per cluster k (n,), summed over
         processes."""
-        stats = torch.zeros(3, self.centers.shape[0], device=agg.device)
-        stats[0].index_add_(0, k, w)
-        stats[1].index_add_(0, k, agg * w)
-        stats[2].index_add_(0, k, agg * agg * w)
-        return _all_reduce_sum(stats)
+        return _all_reduce_sum(_agg_local_sums(agg, k, w, self.centers.shape[0]))
 
     @torch.no_grad()
     def _update_agg_stats(self, agg: torch.Tensor, k: torch.Tensor, momentum: float,

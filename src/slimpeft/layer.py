@@ -373,15 +373,21 @@ class SlimLinear(nn.Module):
         if not self._clusters_initialized():  # never trained: no evidence of anything being out of domain
             d = x.new_zeros(x.shape[0])
         else:
-            k, agg = cl.assign(x) if assign is None else assign()
-            if cfg.ood_pooling == "token":
-                d = cl.token_score(agg, k)
+            token = cfg.ood_pooling == "token"
+            u, sums = None, None
+            if self.training and not just_initialized:  # score and sliding sums in one call
+                kind = "u" if not token and cfg.ood_score == "standardized" else cfg.ood_score
+                k, agg, u, sums = cl.score_step(x, valid, kind)  # padding weighted out, not copied out
+            else:
+                k, agg = cl.assign(x) if assign is None else assign()
+            if token:
+                d = cl.token_score(agg, k) if u is None else u
                 if ctx.record:  # the continuous score behind d, for separation (AUROC) reports
                     self._last_u = agg if cfg.ood_score == "paper" else cl.standardize(agg, k)
             else:
-                d = self._pooled_score(agg, k, lead, valid, just_initialized)
-            if self.training and not just_initialized:
-                cl.update(x, k, agg, valid)  # padding weighted out, not copied out
+                d = self._pooled_score(agg, k, lead, valid, just_initialized, u)
+            if sums is not None:
+                cl.finish_step(sums)  # after the score: it reads the statistics before this step
         if cfg.ood_source in ("max", "prepass") and carried:  # flagged by any earlier layer -> flagged here too
             d = torch.maximum(d, ctx.carried_score)
             if self._last_u is not None and ctx.carried_u is not None:
@@ -398,11 +404,13 @@ class SlimLinear(nn.Module):
         return self._init_seen[2]
 
     def _pooled_score(self, agg: torch.Tensor, k: torch.Tensor, lead: torch.Size, valid: torch.Tensor | None,
-                      just_initialized: bool) -> torch.Tensor:
-        """d pooled over each sequence ('sequence') or over each prefix ('causal'), broadcast back to tokens."""
+                      just_initialized: bool, u: torch.Tensor | None = None) -> torch.Tensor:
+        """d pooled over each sequence ('sequence') or over each prefix ('causal'), broadcast back to tokens; ``u``
+        the per-token values to pool when the caller has them (``clusters.score_step``)."""
         cfg, cl = self.config, self.clusters
         b, t = (lead[0], lead[1]) if len(lead) == 2 else (1, agg.shape[0])
-        u = cl.standardize(agg, k) if cfg.ood_score == "standardized" else cl.token_score(agg, k)
+        if u is None:
+            u = cl.standardize(agg, k) if cfg.ood_score == "standardized" else cl.token_score(agg, k)
         U = u.view(b, t)
         V = torch.ones_like(U) if valid is None else valid.view(b, t).to(U.dtype)
         seq = (U * V).sum(1) / V.sum(1).clamp_min(1.0)  # (b,) mean over real tokens
