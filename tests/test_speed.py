@@ -206,6 +206,28 @@ def test_dense_gate_without_sync_equals_scatter_of_lora_slots():
     assert torch.equal(_dense_gate(w, idx, 5), ref)
 
 
+def test_in_place_mix_leaves_a_hooked_base_output_alone():
+    """The expert mix is added into the base layer's output in place only where nothing else can hold that output:
+    a forward hook on the base layer keeps what the base computed, and the layer's result is the same with or
+    without the hook."""
+    import copy
+
+    from conftest import fitted_slim_layer
+
+    layer = fitted_slim_layer(SlimConfig())
+    hooked = copy.deepcopy(layer)
+    kept = []
+    hooked.base_layer.register_forward_hook(lambda mod, inp, out: kept.append(out))
+    x = torch.randn(2, 6, 24, generator=torch.Generator().manual_seed(4))
+    torch.manual_seed(9)  # the same mask draw in both
+    y = layer(x)
+    torch.manual_seed(9)
+    y_hooked = hooked(x)
+    base_out = torch.nn.functional.linear(x, hooked.base_layer.weight, hooked.base_layer.bias)
+    assert len(kept) == 1 and torch.equal(kept[0].reshape(base_out.shape), base_out)  # not modified in place
+    assert torch.allclose(y, y_hooked, atol=1e-6) and not torch.allclose(y, base_out)
+
+
 @pytest.mark.parametrize("distance", ["max", "rms"])
 def test_cpu_blocked_z_scores_and_scattered_sums_equal_the_one_pass_forms(monkeypatch, distance):
     """On a CPU the z-scores are taken by blocks of rows and the sliding sums by row scatter-adds (fewer fresh

@@ -81,6 +81,14 @@ def base_shape(layer: nn.Module) -> tuple[int, int]:
     raise TypeError(f"cannot adapt {type(layer).__name__}: only nn.Linear and transformers Conv1D are supported")
 
 
+def _owns_output(layer: nn.Module) -> bool:
+    """Whether ``layer``'s output is a fresh tensor nothing else sees: a plain nn.Linear with no hooks of its own or
+    global ones."""
+    m = nn.modules.module
+    return (type(layer) is nn.Linear and not layer._forward_hooks and not layer._forward_pre_hooks
+            and not getattr(m, "_global_forward_hooks", None) and not getattr(m, "_global_forward_pre_hooks", None))
+
+
 def adapter_tensor_specs(config: SlimConfig, d_in: int, d_out: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """(shape, dtype) of every tensor a SlimLinear saves, by state-dict key (checked before loading)."""
     e, r, c, f32 = config.n_lora_experts, config.r, config.n_clusters, torch.float32
@@ -181,8 +189,9 @@ class SlimLinear(nn.Module):
         lead = x.shape[:-1]
         xf = x.reshape(-1, self.d_in)  # (n, i)
         # a plain nn.Linear runs on the flattened tokens: its (n, o) output is then a fresh tensor (no view of a
-        # (b, t, o) one) that the experts add into in place -- its backward reads x and W, never its output
-        own = type(self.base_layer) is nn.Linear and not args and not kwargs
+        # (b, t, o) one) that the experts add into in place -- its backward reads x and W, never its output. Not when
+        # hooks watch the layer (they could keep its output; DeepSpeed ZeRO-3 gathers weights through them)
+        own = _owns_output(self.base_layer) and not args and not kwargs
         result = self.base_layer(xf) if own else self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return self._as_base(result, lead, own)
