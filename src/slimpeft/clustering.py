@@ -79,7 +79,7 @@ def _assign(x: torch.Tensor, centers: torch.Tensor, inv_sd: torch.Tensor, distan
     """Nearest centre k (n,) and aggregate z-score agg (n,) of tokens x (n, i) against centres (c, i) of 1 / sd
     inv_sd (c, i)."""
     # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2; ||x||^2 is constant per row, so it drops out of the argmin.
-    dist2 = (centers * centers).sum(-1)[None, :] - 2.0 * (x @ centers.T)  # (n, c)
+    dist2 = torch.addmm((centers * centers).sum(-1), x, centers.T, alpha=-2.0)  # (n, c) in one matmul
     k = dist2.argmin(-1)  # (n,)
     n, rows = x.shape[0], _block_rows(x)
     if rows >= n:  # one block: always off the CPU
