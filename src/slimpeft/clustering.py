@@ -104,19 +104,38 @@ def _aggregate(z: torch.Tensor, distance: str) -> torch.Tensor:
     return z.amax(-1) if distance == "max" else z.square().mean(-1).sqrt()
 
 
+def _calibrated_tau(agg_mean: torch.Tensor, agg_var: torch.Tensor, floor: float, threshold_std: float
+                    ) -> torch.Tensor:
+    """Threshold of the calibrated score per cluster, mu_k + threshold_std * sd_k (sd floored), (c,)."""
+    return agg_mean + threshold_std * _floored(agg_var, floor).sqrt()
+
+
+def _score_affine(kind: str, agg_mean: torch.Tensor, agg_var: torch.Tensor, floor: float, threshold_std: float
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, b), each (c,), of the per-token score d = max(0, a_k agg - b_k) under ood_score ``kind``: 'paper' a = 1,
+    b = 1; 'calibrated' a = 1, b = mu_k + threshold_std sd_k; 'standardized' a = 1 / sd_k, b = mu_k / sd_k +
+    threshold_std."""
+    one = torch.ones_like(agg_mean)
+    if kind == "paper":
+        return one, one
+    if kind == "calibrated":
+        return one, _calibrated_tau(agg_mean, agg_var, floor, threshold_std)
+    inv = 1.0 / _floored(agg_var, floor).sqrt()
+    return inv, agg_mean * inv + threshold_std
+
+
 def _token_u(agg: torch.Tensor, k: torch.Tensor, agg_mean: torch.Tensor, agg_var: torch.Tensor, kind: str,
              floor: float, threshold_std: float) -> torch.Tensor:
     """Per-token value (n,) from the aggregates: the score d >= 0 of ood_score ``kind`` ('paper', 'calibrated',
     'standardized'), or (kind 'u') the standardized aggregate (agg - mu_k) / sd_k."""
-    if kind == "paper":  # a = b = 1 (score_affine), without the launches that multiply by one
+    if kind == "paper":  # a = b = 1 (_score_affine), without the launches that multiply by one
         return (agg - 1.0).clamp_min(0.0)
-    sd = _floored(agg_var, floor).sqrt()  # (c,)
     if kind == "calibrated":  # a = 1
-        return (agg - (agg_mean + threshold_std * sd)[k]).clamp_min(0.0)
+        return (agg - _calibrated_tau(agg_mean, agg_var, floor, threshold_std)[k]).clamp_min(0.0)
     if kind == "u":
-        return (agg - agg_mean[k]) / sd[k]
-    inv = 1.0 / sd
-    return (agg * inv[k] - (agg_mean * inv + threshold_std)[k]).clamp_min(0.0)
+        return (agg - agg_mean[k]) / _floored(agg_var, floor).sqrt()[k]
+    a, b = _score_affine(kind, agg_mean, agg_var, floor, threshold_std)
+    return (agg * a[k] - b[k]).clamp_min(0.0)
 
 
 def _local_sums(x: torch.Tensor, k: torch.Tensor, agg: torch.Tensor, w: torch.Tensor, c: int,
@@ -229,25 +248,19 @@ class SlidingClusters(nn.Module):
 
     def calibrated_tau(self) -> torch.Tensor:
         """Threshold of the calibrated score per cluster, mu_k + threshold_std * sd_k, (c,)."""
-        return self.agg_mean + self.config.threshold_std * self.agg_sd()
+        cfg = self.config
+        return _calibrated_tau(self.agg_mean, self.agg_var, cfg.spread_floor, cfg.threshold_std)
 
     def standardize(self, agg: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """u = (agg - mu_k) / sd_k: the aggregate in units of cluster k's in-domain spread, (n,)."""
         return self._token_u(agg, k, "u")
 
     def score_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(a, b), each (c,), such that the per-token score is d = max(0, a_k agg - b_k) under ``ood_score``:
-        'paper' a = 1, b = 1; 'calibrated' a = 1, b = mu_k + threshold_std sd_k; 'standardized' a = 1 / sd_k,
-        b = mu_k / sd_k + threshold_std. One form for every mode, so the eval fast path can keep (a_k, b_k) per cluster
-        in the table it gathers once per token."""
-        mode, t = self.config.ood_score, self.config.threshold_std
-        one = torch.ones_like(self.agg_mean)
-        if mode == "paper":
-            return one, one
-        if mode == "calibrated":
-            return one, self.calibrated_tau()
-        inv = 1.0 / self.agg_sd()
-        return inv, self.agg_mean * inv + t
+        """(a, b), each (c,), such that the per-token score is d = max(0, a_k agg - b_k) under ``ood_score``
+        (``_score_affine``). One form for every mode, so the eval fast path can keep (a_k, b_k) per cluster in the
+        table it gathers once per token."""
+        cfg = self.config
+        return _score_affine(cfg.ood_score, self.agg_mean, self.agg_var, cfg.spread_floor, cfg.threshold_std)
 
     def token_score(self, agg: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """Per-token d >= 0 under the configured ``ood_score``, (n,)."""

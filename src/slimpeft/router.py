@@ -20,7 +20,7 @@ bias and compute in float32.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -96,24 +96,10 @@ def load_balance_loss(probs: torch.Tensor, indices: torch.Tensor, weights: torch
     return n_experts * (f * P).sum()
 
 
-def route(
-    x: torch.Tensor,
-    router_weight: torch.Tensor,
-    how: Selection,
-    *,
-    top_k: int = 2,
-    top_p: float = 0.8,
-    d: torch.Tensor | None = None,
-    n_lora: int | None = None,
-    yield_strength: float = 0.0,
-    identity_gate: str = "router",
-    balance_coef: float = 0.0,
-    valid: torch.Tensor | None = None,
-) -> RouterOutput:
-    """Router logits (float32, no bias) -> yielding -> selection -> auxiliary loss. x (n, i), router (e, i)."""
-    return route_logits(F.linear(x.float(), router_weight.float()), how, top_k=top_k, top_p=top_p, d=d, n_lora=n_lora,
-                        yield_strength=yield_strength, identity_gate=identity_gate, balance_coef=balance_coef,
-                        valid=valid)
+def route(x: torch.Tensor, router_weight: torch.Tensor, how: Selection, **options: Any) -> RouterOutput:
+    """Router logits (float32, no bias) -> yielding -> selection -> auxiliary loss. x (n, i), router (e, i);
+    ``options``: those of ``route_logits``."""
+    return route_logits(F.linear(x.float(), router_weight.float()), how, **options)
 
 
 def route_logits(
@@ -129,8 +115,8 @@ def route_logits(
     balance_coef: float = 0.0,
     valid: torch.Tensor | None = None,
 ) -> RouterOutput:
-    """``route`` from router logits (n, e) float32 the caller computed, e.g. in one matmul with the experts'
-    down-projections (SlimLinear's training path)."""
+    """Yielding -> selection -> auxiliary loss from router logits (n, e) float32: those ``route`` computes, or the
+    caller's, e.g. from one matmul with the experts' down-projections (SlimLinear's training path)."""
     if n_lora is not None:
         logits = apply_yielding(logits, d, n_lora, yield_strength, identity_gate)
     weights, idx, probs = select(logits, how, top_k=top_k, top_p=top_p, need_probs=balance_coef > 0.0)
