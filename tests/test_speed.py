@@ -290,6 +290,14 @@ def test_speed_bench_records_every_ratio_and_target(tmp_path):
         assert result[key] > 0 and result["targets"][key]["value"] == result[key]
         assert result["targets"][key]["met"] == (result[key] <= TARGETS[key][0] if TARGETS[key][1] == "<="
                                                  else result[key] >= TARGETS[key][0])
+    for key in ("layer_slim_over_base", "layer_slim_over_lora128", "mask_fast_speedup",
+                "train_slim_over_lora_tokens_per_s", "infer_slim_over_base_tokens_per_s",
+                "infer_wide_slim_over_base_tokens_per_s"):
+        spread = result["targets"][key]["rounds"]
+        assert 0 < spread["min"] <= spread["median"] <= spread["max"], key
+        if key != "mask_fast_speedup":  # one or two rounds: the ratio of the medians lies between the rounds' ratios
+            assert spread["min"] * (1 - 1e-9) <= result[key] <= spread["max"] * (1 + 1e-9), key
+    assert "rounds" not in result["targets"]["train_slim_over_lora_peak_mem"]  # one measurement, no rounds
     tr = result["train"]
     assert set(tr) == {"slim", "slim-recommended", "slim-single", "lora", "mixlora", "loramoe", "full"}
     assert tr["slim-single"]["trainable_params"] < tr["slim"]["trainable_params"]  # the same experts, 3 router rows
@@ -423,3 +431,15 @@ def test_slim_layer_kernel_launches_do_not_grow():
     counts = layer_op_counts()
     assert counts["base"] == 2 and counts["lora128"] == 12  # the yardsticks: a matmul fwd+bwd, PEFT's LoRA
     assert counts["slim"] <= 119
+
+
+def test_round_ratios_pairs_the_rounds():
+    from slimpeft.bench.timing import interleaved_times, round_ratios
+
+    assert round_ratios([2.0, 3.0, 8.0], [1.0, 1.0, 2.0]) == {"min": 2.0, "median": 3.0, "max": 4.0}
+    with pytest.raises(ValueError, match="equally long"):
+        round_ratios([1.0], [1.0, 2.0])
+    calls = []
+    times = interleaved_times({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, warmup=1, reps=3)
+    assert calls == ["a", "b"] + ["a", "b"] * 3  # warm-up, then round-robin
+    assert [len(v) for v in times.values()] == [3, 3] and all(t >= 0 for v in times.values() for t in v)
