@@ -156,7 +156,7 @@ def layer_op_counts(config: SlimConfig | None = None) -> dict[str, int]:
 
 
 def layer_benchmark(shape: LayerShape, *, dtype: torch.dtype = torch.float32, reps: int = 5,
-                    config: SlimConfig | None = None, device: torch.device | str = "cpu") -> dict[str, float]:
+                    config: SlimConfig | None = None, device: torch.device | str = "cpu") -> dict:
     """Median seconds of forward+backward per layer kind, timed round-robin, plus the ratios to the base and every
     round's seconds (``rounds_s``, per kind). On a GPU, SLIM is also timed with each expert dispatch forced
     (``slim_dense``, ``slim_sparse``); ``slim`` is the automatic choice."""
@@ -183,8 +183,9 @@ def layer_benchmark(shape: LayerShape, *, dtype: torch.dtype = torch.float32, re
 
 
 def masking_benchmark(d_in: int = 4096, d_out: int = 11008, r: int = 16, p: float = 0.2, reps: int = 5,
-                      device: torch.device | str = "cpu") -> dict[str, float]:
-    """Seconds to draw and apply one mask to one expert: fast (rows of B, columns of A) vs exact DARE on B A."""
+                      device: torch.device | str = "cpu") -> dict:
+    """Seconds to draw and apply one mask to one expert: fast (rows of B, columns of A) vs exact DARE on B A, and
+    every round's seconds (``rounds_s``)."""
     torch.manual_seed(0)
     dev = torch.device(device)
     A, B = torch.randn(1, r, d_in, device=dev), torch.randn(1, d_out, r, device=dev)
