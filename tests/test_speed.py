@@ -407,6 +407,7 @@ def test_record_path_keeps_quick_and_gpu_records_apart():
 
     names = {record_path(Path("out"), q, d).name for q in (False, True) for d in ("cpu", "cuda", "cuda:1")}
     assert names == {"speed.json", "speed-quick.json", "speed-cuda.json", "speed-cuda-quick.json"}
+    assert record_path(Path("out"), True, "cpu", stem="layer") == Path("out/layer-quick.json")
 
 
 def test_op_count_counts_work_not_views_and_sees_the_backward():

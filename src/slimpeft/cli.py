@@ -263,18 +263,21 @@ def inspect(
 def bench_layer(
     quick: Annotated[bool, typer.Option(help="fewer tokens and repetitions")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
-    out: Annotated[str, typer.Option(help="JSON output path")] = "results/speed/layer.json",
+    out: Annotated[str | None, typer.Option(
+        help="JSON output path (default: results/speed/layer.json; layer-quick.json with --quick, layer-cuda*.json on "
+             "a GPU: a quick or GPU run never overwrites the full CPU record)")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N (a GPU: synchronised timing, both dispatches)")
                       ] = "cpu",
 ) -> None:
     """Layer forward+backward (SLIM / base / PEFT LoRA r=128) and fast vs exact DARE masking, side by side."""
-    from .bench.speed import print_layer_table, resolve_device, run_layer_bench
+    from .bench.speed import print_layer_table, record_path, resolve_device, run_layer_bench
 
     try:
         dev = resolve_device(device)
     except ValueError as e:
         _fail(str(e))
-    result = run_layer_bench(quick=quick, out=Path(out), device=dev)
+    path = Path(out) if out is not None else record_path(Path("results/speed"), quick, str(dev), stem="layer")
+    result = run_layer_bench(quick=quick, out=path, device=dev)
     if as_json:
         typer.echo(json.dumps(result, sort_keys=True))
     else:

@@ -222,6 +222,12 @@ def run_layer_bench(quick: bool = False, out: Path | None = None, device: torch.
     return result
 
 
+# the ratios whose per-round spread the layer table shows: name -> (numerator, denominator) of rounds_s
+_ROUND_PAIRS = {"layer_float32": {"slim_over_base": ("slim", "base"), "slim_over_lora128": ("slim", "lora128")},
+                "masking": {"mask_fast_speedup": ("dare", "fast")}}
+_ROUND_PAIRS["layer_bfloat16"] = _ROUND_PAIRS["layer_float32"]
+
+
 def print_layer_table(result: dict) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -231,7 +237,10 @@ def print_layer_table(result: dict) -> None:
     table.add_column("value", justify="right")
     for section in ("layer_float32", "layer_bfloat16", "masking", "layer_ops"):
         for k, v in result.get(section, {}).items():
-            if k == "rounds_s":  # every round's seconds: in the JSON record, their spread in the targets table
+            if k == "rounds_s":  # every round's seconds: in the JSON record; here the spread of the headline ratios
+                for name, (num, den) in _ROUND_PAIRS[section].items():
+                    spread = round_ratios(v[num], v[den])
+                    table.add_row(f"{section}.{name} per round", f"{spread['min']:.3f} - {spread['max']:.3f}")
                 continue
             table.add_row(f"{section}.{k}", f"{v:.4f}" if k.endswith("_s") else f"{v:d}" if isinstance(v, int)
                           else f"{v:.3f}")
@@ -562,11 +571,12 @@ def _round_spreads(layer: dict, masking: dict, train: dict, infer: dict, infer_w
     return out
 
 
-def record_path(out_dir: Path, quick: bool, device: str = "cpu") -> Path:
-    """Where ``slim bench speed`` writes its record: OUT/speed.json, OUT/speed-quick.json for a quick run (a quick
-    run never overwrites the full record), OUT/speed-cuda.json (-quick) for a run on a GPU."""
+def record_path(out_dir: Path, quick: bool, device: str = "cpu", stem: str = "speed") -> Path:
+    """Where ``slim bench speed`` (stem "speed") and ``slim bench layer`` (stem "layer") write their records:
+    OUT/STEM.json, OUT/STEM-quick.json for a quick run (a quick run never overwrites the full record),
+    OUT/STEM-cuda.json (-quick) for a run on a GPU (nor a GPU run the CPU's)."""
     gpu = "-cuda" if torch.device(device).type == "cuda" else ""
-    return out_dir / f"speed{gpu}{'-quick' if quick else ''}.json"
+    return out_dir / f"{stem}{gpu}{'-quick' if quick else ''}.json"
 
 
 def print_speed_result(result: dict) -> None:
