@@ -17,13 +17,13 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=40, help="separation: training batches that fit the clusters")
     ap.add_argument("--limit", type=int, default=100, help="separation: test items per task")
     ap.add_argument("--out", type=Path, default=None,
-                    help="JSON output (default under results/); speed: a folder, the record is OUT/speed.json "
-                         "(OUT/speed-quick.json with --quick)")
+                    help="JSON output (default under results/: layer.json, layer-quick.json with --quick); speed: "
+                         "a folder, the record is OUT/speed.json (OUT/speed-quick.json with --quick)")
     a = ap.parse_args()
     if a.which == "layer":
-        from .speed import print_layer_table, run_layer_bench
+        from .speed import print_layer_table, record_path, run_layer_bench
 
-        result = run_layer_bench(quick=a.quick, out=a.out or Path("results/speed/layer.json"))
+        result = run_layer_bench(quick=a.quick, out=a.out or record_path(Path("results/speed"), a.quick, stem="layer"))
         if a.json:
             print(json.dumps(result, sort_keys=True))
         else:
