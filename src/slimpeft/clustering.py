@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .config import SlimConfig
+from .precision import autocast_off
 
 _EPS = 1e-6
 
@@ -79,7 +80,8 @@ def _assign(x: torch.Tensor, centers: torch.Tensor, inv_sd: torch.Tensor, distan
     """Nearest centre k (n,) and aggregate z-score agg (n,) of tokens x (n, i) against centres (c, i) of 1 / sd
     inv_sd (c, i)."""
     # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2; ||x||^2 is constant per row, so it drops out of the argmin.
-    dist2 = torch.addmm((centers * centers).sum(-1), x, centers.T, alpha=-2.0)  # (n, c) in one matmul
+    with autocast_off(x):  # float32 distances under mixed precision (precision.py)
+        dist2 = torch.addmm((centers * centers).sum(-1), x, centers.T, alpha=-2.0)  # (n, c) in one matmul
     k = dist2.argmin(-1)  # (n,)
     n, rows = x.shape[0], _block_rows(x)
     if rows >= n:  # one block: always off the CPU
@@ -157,7 +159,8 @@ def _local_sums(x: torch.Tensor, k: torch.Tensor, agg: torch.Tensor, w: torch.Te
             s2.index_add_(0, kk[s : s + rows], xs * xs)
         return torch.cat([agg_stats[0][:, None], s1[:c], s2[:c]], dim=1), agg_stats  # (c, 1 + 2i)
     onehot = x.new_zeros(x.shape[0], c).scatter_(1, k[:, None], w[:, None])  # (n, c)
-    stats = torch.cat([onehot.sum(0)[:, None], onehot.T @ x, onehot.T @ (x * x)], dim=1)  # (c, 1 + 2i)
+    with autocast_off(x):  # float32 sums under mixed precision (precision.py)
+        stats = torch.cat([onehot.sum(0)[:, None], onehot.T @ x, onehot.T @ (x * x)], dim=1)  # (c, 1 + 2i)
     return stats, agg_stats
 
 

@@ -119,7 +119,9 @@ def gated_mix(h: torch.Tensor, B_cat: torch.Tensor, gate: torch.Tensor, base: to
     n, e = gate.shape
     hw = (h.view(n, e, -1) * gate[:, :, None]).reshape(n, -1)  # (n, e*r)
     if base is not None and base.dtype == hw.dtype:
-        return base.addmm_(hw, B_cat) if inplace else torch.addmm(base, hw, B_cat)  # base + hw @ B_cat, one pass
+        if inplace and B_cat.dtype == base.dtype:  # an in-place op is not cast by autocast: operands of one dtype
+            return base.addmm_(hw, B_cat)
+        return torch.addmm(base, hw, B_cat)  # base + hw @ B_cat, one pass
     y = hw @ B_cat  # (n, o)
     return y if base is None else base + y.to(base.dtype)
 
@@ -158,8 +160,8 @@ def _sparse_lowrank(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, weights: 
     h = (x @ A.reshape(e * r, i).T).view(n, e, r)  # (n, e, r)
     hs = h[tok, ex] * w.to(h.dtype)[:, None]  # (m, r) routed down-projections, weighted
     buf = hs.new_zeros(e, cap, r).index_put((ex, pos), hs)  # (e, c, r)
-    ys = torch.bmm(buf, B.transpose(1, 2))[ex, pos]  # (e, c, o) -> (m, o)
-    return out.index_add(0, tok, ys)  # (n, o)
+    ys = torch.bmm(buf, B.transpose(1, 2))[ex, pos]  # (e, c, o) -> (m, o); autocast's dtype under mixed precision
+    return out.index_add(0, tok, ys.to(out.dtype))  # (n, o)
 
 
 def _grouped_full(x: torch.Tensor, delta: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor
@@ -172,4 +174,4 @@ def _grouped_full(x: torch.Tensor, delta: torch.Tensor, weights: torch.Tensor, i
         return out + 0.0 * delta.sum()
     buf = x.new_zeros(e, cap, i).index_put((ex, pos), x[tok])  # (e, c, i)
     ys = torch.bmm(buf, delta.transpose(1, 2))[ex, pos] * w.to(x.dtype)[:, None]  # (m, o)
-    return out.index_add(0, tok, ys)
+    return out.index_add(0, tok, ys.to(out.dtype))

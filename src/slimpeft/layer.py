@@ -25,6 +25,7 @@ from .clustering import SlidingClusters
 from .config import SlimConfig
 from .experts import Dispatch, LoraExperts, auto_dispatch, dense_mix, gated_mix, stack_B
 from .masking import apply_fast_masks, dare_delta, dare_mask, fast_masks
+from .precision import autocast_off
 from .router import lora_balance_loss, route, route_logits
 
 
@@ -200,7 +201,8 @@ class SlimLinear(nn.Module):
             # yield beats the LoRA expert's router logit, the top-K holds identity experts only and the output is the
             # base's, exactly (one small matvec and one check instead of routing)
             d = self._ood_score(xf, lead, None)  # (n,) the scoring pass's score for these tokens
-            logit = xf.float() @ self.router_weight()[0].detach().float()  # (n,) the LoRA expert's router logit
+            with autocast_off(xf):  # float32, as the routed path's logits
+                logit = xf.float() @ self.router_weight()[0].detach().float()  # (n,) the LoRA expert's router logit
             if bool(((d > 0) & (cfg.yield_strength * d > logit)).all()):
                 return self._as_base(result, lead, own)
         if self.ctx.phase == "score":  # the scoring pass of ood_source "prepass": score the base's hidden states
@@ -211,7 +213,8 @@ class SlimLinear(nn.Module):
         # addition onto result through a copy of the whole gradient)
         base = result if own else result.reshape(-1, self.d_out)
         if self._fast_eval():
-            return self._eval_forward(xf, base, lead, inplace=own).view(*lead, self.d_out)
+            with autocast_off(xf):  # routing in float32 under mixed precision (precision.py)
+                return self._eval_forward(xf, base, lead, inplace=own).view(*lead, self.d_out)
         valid = valid_token_mask(self.ctx.attention_mask, lead)  # (n,) bool or None
         d = self._ood_score(xf, lead, valid)  # (n,) float32 or None
         gamma = 0.0 if self.training and not cfg.yield_in_training else cfg.yield_strength
@@ -226,13 +229,15 @@ class SlimLinear(nn.Module):
             A = ex.lora_A if A is None else A
             e, r, i = A.shape
             W = torch.cat([A.reshape(e * r, i), self.router_weight().float()])  # (e*r + E, i)
-            H = xf.to(A.dtype) @ W.T  # (n, e*r + E)
+            with autocast_off(xf):  # the router (and with it the down-projections) in float32 (precision.py)
+                H = xf.to(A.dtype) @ W.T  # (n, e*r + E)
             ro = route_logits(H[:, e * r :].float(), "top_k", **route_kw)
             B = ex.lora_B if B is None else B
             y = dense_mix(H[:, : e * r], stack_B(B), ro.weights, ro.indices, e, ex.scaling, base,
                           inplace=own)  # (n, o) = base + delta
         else:
-            ro = route(xf, self.router_weight(), "top_k", **route_kw)
+            with autocast_off(xf):
+                ro = route(xf, self.router_weight(), "top_k", **route_kw)
             y = ex(xf, ro.weights, ro.indices, A=A, B=B, delta=delta, base=base, dispatch=dispatch)
         if self.training and cfg.balance_coef > 0.0 and torch.is_grad_enabled():
             self.ctx.aux_losses.append(cfg.balance_coef * lora_balance_loss(ro.logits, ro.indices, ro.weights,
@@ -339,7 +344,7 @@ class SlimLinear(nn.Module):
         ew, w = self._eval_weights(), self.base_layer.weight
         key = (w._version, w.data_ptr(), w.dtype)
         if self._merged_cache is None or self._merged_cache[0] is not ew or self._merged_cache[1] != key:
-            with torch.no_grad():
+            with torch.no_grad(), autocast_off(w):
                 delta = (ew.A.reshape(-1, self.d_in).T @ ew.B_cat).T  # (o, i): sum_e B_e A_e, the scale in B_cat
                 self._merged_cache = (ew, key, (w.float() + delta.to(w.device)).to(w.dtype))
         return self._merged_cache[2]

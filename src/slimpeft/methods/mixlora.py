@@ -152,7 +152,7 @@ class MixLoraFFN(AdapterModule):
             wsum = wf.new_zeros(n).index_add(0, tok, wf)  # (n,)
             y = y + (wsum - 1.0)[:, None] * down.bias.float()
         delta = self.lora[_key(down_path)](hs, wf[:, None], idx)  # (m, h) w_j s B_d,j A_d,j h_j
-        y = y.index_add(0, tok, delta)  # (n, h)
+        y = y.index_add(0, tok, delta.to(y.dtype))  # (n, h); delta in autocast's dtype under mixed precision
         if self.kind == "gpt2":
             y = base.dropout(y)
         return y.view(*lead, -1).to(x.dtype)
