@@ -40,6 +40,8 @@ RUN_CONFIG = "run_config.json"
 ADAPTER_DIR = "adapter"
 
 
+PRECISIONS = ("fp32", "bf16", "fp16")
+
 # Why an FSDP run is refused; checked on the arguments (--fsdp-config) and again once the Trainer knows whether
 # FSDP is really on (an accelerate FSDP config enables it without the flag).
 FSDP_NEEDS_GPUS = ("FSDP needs GPUs (accelerate enables it only on accelerator devices; on CPU the run would silently "
@@ -83,6 +85,10 @@ class TrainArgs:
                                                           "zero3.json); empty: off. See docs/distributed.md"})
     fsdp_config: str = field(default="", metadata={"help": "FSDP JSON config for the Trainer (e.g. "
                                                             "configs/fsdp/fsdp2.json); empty: off"})
+    precision: str = field(default="fp32", metadata={
+        "help": "fp32, or mixed precision through torch.autocast: bf16 (CPU or GPU) or fp16 (GPU only, with loss "
+                "scaling); the weights stay float32 (the Trainer's bf16 / fp16 options). An accelerate config's "
+                "mixed_precision applies as well"})
 
     def validate(self) -> list[str]:
         from . import methods
@@ -102,6 +108,10 @@ class TrainArgs:
                     read_json(Path(path))
                 except (ValueError, OSError) as e:
                     errs.append(f"--{name.replace('_', '-')}: {e}")
+        if self.precision not in PRECISIONS:
+            errs.append(f"--precision {self.precision!r}: unknown; choose from {', '.join(PRECISIONS)}")
+        elif self.precision == "fp16" and not torch.cuda.is_available():
+            errs.append("--precision fp16 needs a CUDA GPU (float16 autocast with loss scaling); on a CPU use bf16")
         if self.deepspeed and self.fsdp_config:
             errs.append("--deepspeed and --fsdp-config exclude each other")
         if self.fsdp_config and not torch.cuda.is_available():
@@ -495,6 +505,8 @@ def train(args: TrainArgs, callbacks: list | None = None) -> Path:
         disable_tqdm=not args.progress,
         dataloader_num_workers=0,
         deepspeed=args.deepspeed or None,
+        bf16=args.precision == "bf16",
+        fp16=args.precision == "fp16",
         fsdp="full_shard auto_wrap" if args.fsdp_config else None,
         fsdp_config=args.fsdp_config or None,
     )
@@ -526,6 +538,8 @@ def train(args: TrainArgs, callbacks: list | None = None) -> Path:
     elif args.resume:
         logger.warning("--resume: no complete checkpoint in %s; starting from step 0", ckpt_dir)
     run_config["resumed_from"] = str(resume_from) if resume_from else None
+    # what autocast really runs ("no", "bf16", "fp16"): --precision, or an accelerate config's mixed_precision
+    run_config["mixed_precision"] = str(trainer.accelerator.mixed_precision)
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     run_config["train_seconds"] = time.perf_counter() - t0
