@@ -139,3 +139,56 @@ def test_train_precision_bf16_runs_autocast_and_fp16_is_refused_on_cpu(tiny_base
         assert not (tmp_path / "fp16").exists()  # refused before anything is written
     res = runner.invoke(app, ["train", "--base", str(tiny_base), "--out", str(tmp_path / "x"), "--precision", "fp8"])
     assert res.exit_code != 0 and "--precision 'fp8': unknown" in res.output
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_a_model_cast_to_bf16_trains_generates_and_saves_float32(name, ids, tmp_path):
+    """``model.to(torch.bfloat16)`` after adapting (what DeepSpeed's bf16 engine does): adapters in bf16, SLIM's
+    cluster statistics kept float32; the saved files are float32 and load back to the same outputs."""
+    model = build(name).to(torch.bfloat16).train()
+    clusters = [m for m in model.modules() if type(m).__name__ == "SlidingClusters"]
+    assert all(b.dtype == torch.float32 for c in clusters for b in c.buffers() if b.is_floating_point())
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    mask = torch.ones_like(ids)
+    losses = []
+    for _ in range(3):
+        loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss.detach()))
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+    assert all(c.initialized and int(c.n_updates) > 0 for c in clusters)  # the clusters slid, in float32
+    model.eval()
+    with torch.no_grad():
+        gen = model.generate(input_ids=ids[:2, :6], attention_mask=mask[:2, :6], do_sample=False, max_new_tokens=4,
+                             min_new_tokens=4, pad_token_id=0)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    assert gen.shape == (2, 10)
+    model.save_pretrained(tmp_path)
+    if name == "full":
+        return  # a whole model, saved by transformers
+    method = "slim" if name.startswith("slim") else name
+    if method in ("lora", "dora"):
+        return  # PEFT's own files
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "adapter_model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} <= {torch.float32, torch.int64, torch.bool}
+    # loading builds float32 adapters (the default on any base); cast like the trained model, the same outputs
+    loaded = methods.load(method, tiny_llama().to(torch.bfloat16), tmp_path).to(torch.bfloat16).eval()
+    if name == "slim-sparse":
+        for layer in loaded.slim_layers().values():
+            layer.dispatch = "sparse"
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids, attention_mask=mask).logits, logits)
+
+
+def test_casting_a_slim_layer_keeps_its_cluster_statistics_exact_in_float32():
+    layer = fitted_slim_layer(SlimConfig(r=4, alpha=8, n_lora_experts=4, n_identity_experts=2, n_clusters=4))
+    before = {k: v.clone() for k, v in layer.clusters.state_dict().items()}
+    layer.to(torch.bfloat16)
+    layer.half()
+    assert layer.experts.lora_A.dtype == torch.float16 and layer.router.dtype == torch.float16  # the adapter follows
+    for k, v in layer.clusters.state_dict().items():
+        assert v.dtype == before[k].dtype and torch.equal(v, before[k]), k  # fitted values, not bf16-rounded ones

@@ -227,6 +227,18 @@ class SlidingClusters(nn.Module):
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self.register_buffer("n_updates", torch.zeros((), dtype=torch.long))
 
+    def _apply(self, fn, recurse=True):
+        """As nn.Module's (``.to``, ``.cuda``, ``.half``, ``.bfloat16``), but the statistics stay float32, values
+        untouched, when the model is cast (DeepSpeed's bf16 engine casts every buffer): EMA steps and sums of squares
+        need float32's mantissa. Moves to another device are kept."""
+        before = {name: buf for name, buf in self._buffers.items() if buf is not None and buf.dtype == torch.float32}
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if new is not None and new.dtype != torch.float32:
+                self._buffers[name] = old.to(new.device)  # the float32 values, where fn put the buffer
+        return self
+
     # ----------------------------------------------------------------- assignment and aggregate
     @torch.no_grad()
     def assign(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

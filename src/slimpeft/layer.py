@@ -228,7 +228,8 @@ class SlimLinear(nn.Module):
             # matmul each for x's gradient and for the weights' (autograd splits the latter back through the cat)
             A = ex.lora_A if A is None else A
             e, r, i = A.shape
-            W = torch.cat([A.reshape(e * r, i), self.router_weight().float()])  # (e*r + E, i)
+            # (e*r + E, i) in A's dtype: float32, or bf16 / fp16 where the model was cast (DeepSpeed's bf16 engine)
+            W = torch.cat([A.reshape(e * r, i), self.router_weight().to(A.dtype)])
             with autocast_off(xf):  # the router (and with it the down-projections) in float32 (precision.py)
                 H = xf.to(A.dtype) @ W.T  # (n, e*r + E)
             ro = route_logits(H[:, e * r :].float(), "top_k", **route_kw)

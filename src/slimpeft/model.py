@@ -264,7 +264,9 @@ class AdaptedModel(ModelWrapper):
         path = Path(save_directory)
         path.mkdir(parents=True, exist_ok=True)
         meta = {**meta, "base_model_type": getattr(getattr(self.base_model, "config", None), "model_type", None)}
-        tensors = self.adapter_state_dict()
+        # float32 files whatever the adapter was cast to (a model cast to bf16, DeepSpeed's bf16 engine): lossless, and
+        # loading casts them to the parameters' dtype
+        tensors = {k: v.float() if v.is_floating_point() else v for k, v in self.adapter_state_dict().items()}
         atomic_write(path / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
         meta["weights_sha256"] = file_sha256(path / WEIGHTS_NAME)  # checked last on loading: tampered bytes show
         atomic_write(path / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(meta, indent=2, sort_keys=True)))
