@@ -37,18 +37,28 @@ def build(name: str):
     return built
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name", VARIANTS)
-def test_every_method_trains_and_generates_under_bf16_autocast(name, ids):
-    model = build(name).train()
+def test_every_method_trains_and_generates_under_autocast(name, dtype, device, ids):
+    """bf16 as HF Trainer's bf16=True runs it, fp16 with its gradient scaler (fp16=True); on a GPU too when there is
+    one (a CPU has no fp16 speed-up, but the same autocast rules)."""
+    model = build(name).to(device).train()
+    ids = ids.to(device)
     ref = copy.deepcopy(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    scaler = torch.amp.GradScaler(device, enabled=dtype == torch.float16)
     mask = torch.ones_like(ids)
     losses = []
     for _ in range(3):
-        with bf16():
+        with torch.autocast(device, dtype=dtype):
             out = model(input_ids=ids, attention_mask=mask, labels=ids)
-        out.loss.backward()
-        opt.step()
+        scaler.scale(out.loss).backward()
+        scaler.step(opt)
+        scaler.update()
         opt.zero_grad()
         losses.append(float(out.loss.detach()))
     assert all(torch.isfinite(torch.tensor(losses)))
@@ -58,7 +68,7 @@ def test_every_method_trains_and_generates_under_bf16_autocast(name, ids):
     for p in model.parameters():
         assert p.dtype == torch.float32  # autocast casts operands, never the weights
     model.eval()
-    with torch.no_grad(), bf16():
+    with torch.no_grad(), torch.autocast(device, dtype=dtype):
         gen = model.generate(input_ids=ids[:2, :6], attention_mask=mask[:2, :6], do_sample=False, max_new_tokens=4,
                              min_new_tokens=4, pad_token_id=0)
     assert gen.shape == (2, 10)
