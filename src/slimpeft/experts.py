@@ -119,8 +119,9 @@ def gated_mix(h: torch.Tensor, B_cat: torch.Tensor, gate: torch.Tensor, base: to
     n, e = gate.shape
     hw = (h.view(n, e, -1) * gate[:, :, None]).reshape(n, -1)  # (n, e*r)
     if base is not None and base.dtype == hw.dtype:
-        if inplace and B_cat.dtype == base.dtype:  # an in-place op is not cast by autocast: operands of one dtype
-            return base.addmm_(hw, B_cat)
+        if inplace and (B_cat.dtype == base.dtype or torch.is_autocast_enabled(base.device.type)):
+            # an in-place op is not cast by autocast: B_cat cast here as autocast would cast it for torch.addmm
+            return base.addmm_(hw, B_cat.to(base.dtype))
         return torch.addmm(base, hw, B_cat)  # base + hw @ B_cat, one pass
     y = hw @ B_cat  # (n, o)
     return y if base is None else base + y.to(base.dtype)

@@ -25,7 +25,7 @@ from .clustering import SlidingClusters
 from .config import SlimConfig
 from .experts import Dispatch, LoraExperts, auto_dispatch, dense_mix, gated_mix, stack_B
 from .masking import apply_fast_masks, dare_delta, dare_mask, fast_masks
-from .precision import autocast_off
+from .precision import autocast_off, routing_precision
 from .router import lora_balance_loss, route, route_logits
 
 
@@ -230,14 +230,14 @@ class SlimLinear(nn.Module):
             e, r, i = A.shape
             # (e*r + E, i) in A's dtype: float32, or bf16 / fp16 where the model was cast (DeepSpeed's bf16 engine)
             W = torch.cat([A.reshape(e * r, i), self.router_weight().to(A.dtype)])
-            with autocast_off(xf):  # the router (and with it the down-projections) in float32 (precision.py)
+            with routing_precision(xf, self.training):  # autocast's dtype in training, else float32 (precision.py)
                 H = xf.to(A.dtype) @ W.T  # (n, e*r + E)
             ro = route_logits(H[:, e * r :].float(), "top_k", **route_kw)
             B = ex.lora_B if B is None else B
             y = dense_mix(H[:, : e * r], stack_B(B), ro.weights, ro.indices, e, ex.scaling, base,
                           inplace=own)  # (n, o) = base + delta
         else:
-            with autocast_off(xf):
+            with routing_precision(xf, self.training):
                 ro = route(xf, self.router_weight(), "top_k", **route_kw)
             y = ex(xf, ro.weights, ro.indices, A=A, B=B, delta=delta, base=base, dispatch=dispatch)
         if self.training and cfg.balance_coef > 0.0 and torch.is_grad_enabled():

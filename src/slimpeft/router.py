@@ -98,8 +98,8 @@ def load_balance_loss(probs: torch.Tensor, indices: torch.Tensor, weights: torch
 
 def route(x: torch.Tensor, router_weight: torch.Tensor, how: Selection, **options: Any) -> RouterOutput:
     """Router logits (float32, no bias) -> yielding -> selection -> auxiliary loss. x (n, i), router (e, i);
-    ``options``: those of ``route_logits``."""
-    return route_logits(F.linear(x.float(), router_weight.float()), how, **options)
+    ``options``: those of ``route_logits``. Under autocast the matmul runs in its dtype, the routing in float32."""
+    return route_logits(F.linear(x.float(), router_weight.float()).float(), how, **options)
 
 
 def route_logits(
