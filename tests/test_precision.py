@@ -91,9 +91,10 @@ def test_clusters_compute_in_float32_under_autocast():
 
 
 @pytest.mark.parametrize("hooked", [False, True])
-def test_slim_layer_under_autocast_routes_and_slides_as_in_float32(hooked):
-    """Training and eval: the layer's routing and cluster statistics under autocast equal float32's; its output is
-    the float32 one to bf16 rounding. ``hooked``: a hook on the base layer (the out-of-place mix)."""
+def test_slim_layer_under_autocast_slides_as_in_float32_and_routes_so_in_eval(hooked):
+    """Under autocast: training slides the clusters exactly as float32 does and outputs the float32 result to bf16
+    rounding (the router's matmul follows autocast there); eval routes as float32 does (the routing records and
+    the fast path). ``hooked``: a hook on the base layer (the out-of-place mix)."""
     cfg = SlimConfig(r=4, alpha=8, n_lora_experts=4, n_identity_experts=2, n_clusters=4)
     layer = fitted_slim_layer(cfg)
     if hooked:
