@@ -298,6 +298,10 @@ def test_speed_bench_records_every_ratio_and_target(tmp_path):
         if key != "mask_fast_speedup":  # one or two rounds: the ratio of the medians lies between the rounds' ratios
             assert spread["min"] * (1 - 1e-9) <= result[key] <= spread["max"] * (1 + 1e-9), key
     assert "rounds" not in result["targets"]["train_slim_over_lora_peak_mem"]  # one measurement, no rounds
+    amp = result["train_bf16"]  # the bf16-autocast step of SLIM and LoRA, ratio at the top level
+    assert set(amp) == {"slim", "lora"} and all(r["tokens_per_s"] > 0 for r in amp.values())
+    assert result["train_bf16_slim_over_lora_tokens_per_s"] == pytest.approx(
+        amp["slim"]["tokens_per_s"] / amp["lora"]["tokens_per_s"])
     tr = result["train"]
     assert set(tr) == {"slim", "slim-recommended", "slim-single", "lora", "mixlora", "loramoe", "full"}
     assert tr["slim-single"]["trainable_params"] < tr["slim"]["trainable_params"]  # the same experts, 3 router rows

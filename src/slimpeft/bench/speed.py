@@ -322,31 +322,37 @@ def _warmup(device: str) -> int:
     return 3 if torch.device(device).type == "cuda" else 1
 
 
-def _train_step(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
+def _train_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], amp: bool = False):
+    """One training step as a callable; ``amp``: the forward under bf16 autocast (the Trainer's bf16=True)."""
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    device_type = batch["input_ids"].device.type
 
     def step() -> None:
-        model(**batch).loss.backward()  # the loss includes the method's auxiliary losses
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=amp):
+            loss = model(**batch).loss  # the loss includes the method's auxiliary losses
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     return step
 
 
-def train_benchmark(args: ModelBenchArgs, names: tuple[str, ...] = TRAIN_METHODS) -> dict[str, dict[str, float]]:
-    """Median seconds and tokens/s of a training step per method, the methods timed round-robin in one process."""
+def train_benchmark(args: ModelBenchArgs, names: tuple[str, ...] = TRAIN_METHODS, *, amp: bool = False
+                    ) -> dict[str, dict[str, float]]:
+    """Median seconds and tokens/s of a training step per method, the methods timed round-robin in one process;
+    ``amp``: under bf16 autocast (mixed precision, weights float32)."""
     models = {n: build_method(n, args.base, args.seed, device=args.device) for n in names}
     vocab = next(iter(models.values())).config.vocab_size
     batch = _train_batch(args, vocab)
-    rounds = interleaved_times({n: _train_step(m, batch) for n, m in models.items()}, reps=args.reps,
+    rounds = interleaved_times({n: _train_step(m, batch, amp) for n, m in models.items()}, reps=args.reps,
                                warmup=_warmup(args.device), sync=device_sync(args.device))
     t = medians(rounds)
     tokens = args.batch_size * args.seq_len
     out = {n: {"step_s": t[n], "tokens_per_s": tokens / t[n], "step_rounds_s": rounds[n],
                "trainable_params": sum(p.numel() for p in models[n].parameters() if p.requires_grad)}
            for n in names}
-    if torch.device(args.device).type == "cpu":  # counted where every op runs in this thread (see op_count)
+    if torch.device(args.device).type == "cpu" and not amp:  # counted where every op runs in this thread (op_count)
         for n, m in models.items():
             out[n]["ops_per_step"] = op_count(_train_step(m, batch))  # forward, backward and optimizer step
     return out
@@ -490,6 +496,7 @@ def run_speed_bench(quick: bool = False, out: Path | None = None, base: str = "a
     margs = model_args or ModelBenchArgs(base=base, reps=2 if quick else 5, new_tokens=16 if quick else 32,
                                          wide_layers=0 if quick else 2, device=str(dev))
     train = train_benchmark(margs)
+    train_bf16 = train_benchmark(margs, ("slim", "lora"), amp=True)  # mixed precision: informative, no target
     mem_methods = ("slim", "lora") if quick else TRAIN_METHODS
     for n in mem_methods:
         train[n].update(peak_step_memory(n, margs))
@@ -502,6 +509,8 @@ def run_speed_bench(quick: bool = False, out: Path | None = None, base: str = "a
         "mask_fast_speedup": masking["mask_fast_speedup"],
         "layer_ops_slim_over_lora128": ops["slim"] / ops["lora128"],
     }
+    ratios["train_bf16_slim_over_lora_tokens_per_s"] = (train_bf16["slim"]["tokens_per_s"]
+                                                         / train_bf16["lora"]["tokens_per_s"])
     if "ops_per_step" in train["slim"]:
         ratios["train_ops_slim_over_lora"] = train["slim"]["ops_per_step"] / train["lora"]["ops_per_step"]
     if layer_bf16 is not None:
@@ -538,7 +547,8 @@ def run_speed_bench(quick: bool = False, out: Path | None = None, base: str = "a
     result = {
         **ratios,
         "targets": targets,
-        "layer_float32": layer, "masking": masking, "layer_ops": ops, "train": train, "infer": infer,
+        "layer_float32": layer, "masking": masking, "layer_ops": ops, "train": train, "train_bf16": train_bf16,
+        "infer": infer,
         **({"infer_wide": infer_wide} if infer_wide is not None else {}),
         "meta": {"quick": quick, "layer_shape": asdict(shape), "model": asdict(margs), "wide_shape": WIDE_SHAPE,
                  "threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -605,6 +615,11 @@ def print_speed_tables(result: dict) -> None:
                   f"{rec['tokens_per_s'] / tr['lora']['tokens_per_s']:.3f}",
                   "-" if peak is None else f"{peak:.1f}",
                   "-" if peak is None else f"{peak / tr['lora']['peak_mib']:.3f}", str(rec.get("ops_per_step", "-")))
+    amp = result.get("train_bf16", {})
+    for n, rec in amp.items():  # the same step under bf16 autocast, relative to LoRA under it
+        t.add_row(f"{n} (bf16 autocast)", f"{rec['trainable_params']:,}", f"{rec['step_s']:.3f}",
+                  f"{rec['tokens_per_s']:.0f}", f"{rec['tokens_per_s'] / amp['lora']['tokens_per_s']:.3f}", "-", "-",
+                  "-")
     con.print(t)
     batches = result["meta"]["model"]["infer_batches"]
     wide = f"{result['meta']['model']['wide_layers']} layers of TinyLlama-1.1B's shape"
