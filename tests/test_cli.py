@@ -167,3 +167,18 @@ def test_data_command_writes_the_suite_with_sizes(tmp_path):
     for name, sz in sizes.items():
         assert len(read_jsonl(tmp_path / name / "test.jsonl")) == sz["test"]
     assert "downstream/jargon-def: train 100, test 50, documents 300" in res.output
+
+
+def test_train_gradient_checkpointing_slides_the_clusters_once_per_step(tiny_base, tmp_path):
+    from safetensors.torch import load_file
+
+    counts = {}
+    for flag in ([], ["--gradient-checkpointing"]):
+        out = tmp_path / ("gc" if flag else "plain")
+        res = runner.invoke(app, ["train", "--base", str(tiny_base), "--out", str(out), "--steps", "3",
+                                  "--batch-size", "4", "--set", "r=4", "--no-progress", *flag])
+        assert res.exit_code == 0, res.output
+        assert json.loads((out / "run_config.json").read_text())["args"]["gradient_checkpointing"] == bool(flag)
+        tensors = load_file(out / "adapter" / "adapter_model.safetensors")
+        counts[bool(flag)] = sorted({int(v) for k, v in tensors.items() if k.endswith("clusters.n_updates")})
+    assert counts[True] == counts[False] == [2]  # step 1 fits the clusters, steps 2-3 slide them (not 4 times)

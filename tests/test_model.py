@@ -555,3 +555,37 @@ def test_prepass_is_off_with_the_adapters_and_needs_pooling(ids):
         with torch.no_grad():
             m(input_ids=ids)
         assert len(calls) == passes
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("source", ["own", "max"])
+def test_gradient_checkpointing_trains_exactly_as_without_it(reentrant, source, ids):
+    """HF gradient checkpointing re-runs each decoder layer's forward inside backward; SLIM must route the
+    recomputation on the forward's own scores and slide its clusters once per step, not twice."""
+    import copy
+
+    plain = get_slim_model(tiny_llama(), SlimConfig(r=4, alpha=8, n_clusters=4, ood_source=source)).train()
+    with torch.no_grad():
+        for layer in plain.slim_layers().values():  # a trained-looking adapter: the routing shapes the gradients
+            layer.experts.lora_B.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(0))
+    ckpt = copy.deepcopy(plain)
+    ckpt.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    runs = []
+    for model in (plain, ckpt):
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        losses = []
+        for step in range(3):
+            torch.manual_seed(step)  # the same fresh masks in both runs
+            loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.detach())
+        runs.append((torch.stack(losses), model.state_dict()))
+    (l1, s1), (l2, s2) = runs
+    torch.testing.assert_close(l2, l1, rtol=1e-6, atol=1e-6)
+    for k in s1:
+        if "clusters" in k:
+            assert torch.equal(s1[k], s2[k]), k  # one slide per step (n_updates included)
+        else:
+            torch.testing.assert_close(s2[k], s1[k], rtol=1e-5, atol=1e-6)

@@ -132,6 +132,8 @@ def train(
     deepspeed: Annotated[str, typer.Option(help="DeepSpeed JSON config, e.g. configs/deepspeed/zero3.json "
                                                 "(docs/distributed.md)")] = "",
     fsdp_config: Annotated[str, typer.Option(help="FSDP JSON config, e.g. configs/fsdp/fsdp2.json (GPUs only)")] = "",
+    gradient_checkpointing: Annotated[bool, typer.Option(help="recompute activations in backward (less memory)")
+                                      ] = False,
     precision: Annotated[str, typer.Option(help="fp32, bf16 (mixed precision, CPU or GPU) or fp16 (GPU): "
                                                 "torch.autocast through the Trainer, weights kept in float32")
                          ] = "fp32",
@@ -152,7 +154,8 @@ def train(
                      batch_size=batch_size, lr=lr, max_length=max_length, seed=seed, split_seed=split_seed,
                      save_steps=save_steps,
                      logging_steps=logging_steps, sync_check_steps=sync_check_steps, resume=resume, progress=progress,
-                     deepspeed=deepspeed, fsdp_config=fsdp_config, precision=precision)
+                     deepspeed=deepspeed, fsdp_config=fsdp_config, precision=precision,
+                     gradient_checkpointing=gradient_checkpointing)
     errs = args.validate()
     if errs:
         _fail("invalid arguments:\n  " + "\n  ".join(errs))

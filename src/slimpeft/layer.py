@@ -173,6 +173,8 @@ class SlimLinear(nn.Module):
         self._new_options = [(f.name, f.default) for f in fields(config) if f.name not in _FAST_EVAL_FIELDS]
         self._mask_cache: tuple[tuple, tuple] | None = None
         self._last_u: torch.Tensor | None = None
+        # (d, u) of the last training forward: what a gradient-checkpointing recomputation routes on
+        self._fwd_score: tuple[torch.Tensor, torch.Tensor | None] | None = None
         # (sum (b,), count (b,), length) of the pooled score over the sequence seen so far, for KV-cache steps
         self._pool_state: tuple[torch.Tensor, torch.Tensor, int] | None = None
         self._init_seen: tuple | None = None  # (version, tensor, value) of clusters.initialized
@@ -216,7 +218,7 @@ class SlimLinear(nn.Module):
             with autocast_off(xf):  # routing in float32 under mixed precision (precision.py)
                 return self._eval_forward(xf, base, lead, inplace=own).view(*lead, self.d_out)
         valid = valid_token_mask(self.ctx.attention_mask, lead)  # (n,) bool or None
-        d = self._ood_score(xf, lead, valid)  # (n,) float32 or None
+        d = self._training_score(xf, lead, valid)  # (n,) float32 or None
         gamma = 0.0 if self.training and not cfg.yield_in_training else cfg.yield_strength
         route_kw = dict(top_k=cfg.top_k, d=d, n_lora=cfg.n_lora_experts, yield_strength=gamma,
                         identity_gate=cfg.identity_gate)
@@ -351,6 +353,21 @@ class SlimLinear(nn.Module):
         return self._merged_cache[2]
 
     # ------------------------------------------------------------------------------------------ parts
+    def _training_score(self, xf: torch.Tensor, lead: torch.Size, valid: torch.Tensor | None) -> torch.Tensor | None:
+        """``_ood_score``, except in a gradient-checkpointing recomputation (this forward re-run inside backward):
+        there the forward's own score is reused and the clusters are left alone -- they slid once, in the forward;
+        scoring again would slide them twice per step and route on statistics the forward did not see. (Reentrant
+        checkpointing runs the original forward without gradient: every training forward saves its score.)"""
+        if not self.training:
+            return self._ood_score(xf, lead, valid)
+        saved = self._fwd_score
+        if torch._C._current_graph_task_id() != -1 and saved is not None and saved[0].shape[0] == xf.shape[0]:
+            self._last_u = saved[1]
+            return saved[0]
+        d = self._ood_score(xf, lead, valid)
+        self._fwd_score = None if d is None else (d, self._last_u)
+        return d
+
     @torch.no_grad()
     def _ood_score(self, xf: torch.Tensor, lead: torch.Size, valid: torch.Tensor | None,
                    assign: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor | None:

@@ -85,6 +85,9 @@ class TrainArgs:
                                                           "zero3.json); empty: off. See docs/distributed.md"})
     fsdp_config: str = field(default="", metadata={"help": "FSDP JSON config for the Trainer (e.g. "
                                                             "configs/fsdp/fsdp2.json); empty: off"})
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute each decoder layer's activations in backward instead of storing them (less memory, ~1/3 "
+                "more compute); SLIM routes the recomputation on the forward's scores"})
     precision: str = field(default="fp32", metadata={
         "help": "fp32, or mixed precision through torch.autocast: bf16 (CPU or GPU) or fp16 (GPU only, with loss "
                 "scaling); the weights stay float32 (the Trainer's bf16 / fp16 options). An accelerate config's "
@@ -505,6 +508,7 @@ def train(args: TrainArgs, callbacks: list | None = None) -> Path:
         disable_tqdm=not args.progress,
         dataloader_num_workers=0,
         deepspeed=args.deepspeed or None,
+        gradient_checkpointing=args.gradient_checkpointing,
         bf16=args.precision == "bf16",
         fp16=args.precision == "fp16",
         fsdp="full_shard auto_wrap" if args.fsdp_config else None,
