@@ -126,6 +126,22 @@ class RoutingStats:
     n_tokens: int
 
 
+class _Forward:
+    """A wrapper's bound ``forward`` that reports the wrapped model's signature (input_ids, attention_mask, labels,
+    ...): HF Trainer keeps only the dataset columns the model's forward names (``remove_unused_columns``, on by
+    default) and would drop every column of a ``forward(*args, **kwargs)``."""
+
+    def __init__(self, owner: ModelWrapper) -> None:
+        self.owner = owner
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return type(self.owner).forward(self.owner, *args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return inspect.signature(self.owner.base_model.forward)
+
+
 class ModelWrapper(nn.Module):
     """A wrapped HuggingFace model: attributes the wrapper lacks are looked up on ``base_model``; forward and
     generate go to it; parameter counts as PEFT reports them. Base of every method's model."""
@@ -133,6 +149,7 @@ class ModelWrapper(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.base_model = model
+        self.forward = _Forward(self)  # type(self).forward, with the base model's signature
 
     def __getattr__(self, name: str) -> Any:
         try:

@@ -1,0 +1,61 @@
+"""A plain ``transformers.Trainer`` with its default arguments (``remove_unused_columns`` on) trains every method,
+checkpoints and resumes -- what a user of the library, not of ``slim train``, does."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+from conftest import tiny_llama
+
+from slimpeft import methods
+
+IDS = torch.randint(3, 97, (16, 12), generator=torch.Generator().manual_seed(1))
+
+
+class Records(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return IDS.shape[0]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": IDS[i], "attention_mask": torch.ones_like(IDS[i]), "labels": IDS[i],
+                "source": torch.tensor(i)}  # a column no model takes: the Trainer drops it
+
+
+def args(out, steps: int):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(output_dir=str(out), max_steps=steps, per_device_train_batch_size=4, save_steps=2,
+                             learning_rate=1e-2, report_to=[], use_cpu=True, logging_steps=1, disable_tqdm=True,
+                             seed=0)
+
+
+def test_wrapped_forward_reports_the_base_models_signature():
+    model = methods.build("slim", tiny_llama())
+    params = inspect.signature(model.forward).parameters
+    assert {"input_ids", "attention_mask", "labels"} <= set(params)  # what the Trainer keeps columns by
+    ids = IDS[:2]
+    torch.testing.assert_close(model.forward(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("name", ["slim", "mixlora", "loramoe", "mola", "full"])
+def test_plain_trainer_trains_checkpoints_and_resumes(name, tmp_path):
+    from transformers import Trainer
+
+    model = methods.build(name, tiny_llama())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = Trainer(model=model, args=args(tmp_path, 4), train_dataset=Records())
+    trainer.train()
+    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    assert trainer.state.global_step == 4 and len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+    after = model.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in after)  # it trained
+    if name == "slim":
+        n_updates = {int(v) for k, v in after.items() if k.endswith("clusters.n_updates")}
+        assert n_updates == {3}  # step 1 fits the clusters, steps 2-4 slide them
+    # resuming at the last checkpoint restores every parameter and buffer (cluster statistics included)
+    fresh = methods.build(name, tiny_llama())
+    Trainer(model=fresh, args=args(tmp_path, 4), train_dataset=Records()).train(resume_from_checkpoint=True)
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, after[k]), k
