@@ -32,11 +32,16 @@ def args(out, steps: int):
 
 
 def test_wrapped_forward_reports_the_base_models_signature():
-    model = methods.build("slim", tiny_llama())
-    params = inspect.signature(model.forward).parameters
-    assert {"input_ids", "attention_mask", "labels"} <= set(params)  # what the Trainer keeps columns by
-    ids = IDS[:2]
-    torch.testing.assert_close(model.forward(input_ids=ids).logits, model(input_ids=ids).logits)
+    from transformers.utils.generic import find_labels
+
+    for name in ("slim", "loramoe"):
+        model = methods.build(name, tiny_llama())
+        params = set(inspect.signature(model.forward).parameters)
+        assert {"input_ids", "attention_mask", "labels"} <= params  # the columns the Trainer keeps
+        assert ("sample_type" in params) == (name == "loramoe")  # and the wrapper's own (LoRAMoE's sample types)
+        assert find_labels(type(model)) == ["labels"]  # the Trainer's label columns: its eval loss
+        ids = IDS[:2]
+        torch.testing.assert_close(model.forward(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
 @pytest.mark.parametrize("name", ["slim", "mixlora", "loramoe", "mola", "full"])
@@ -45,8 +50,14 @@ def test_plain_trainer_trains_checkpoints_and_resumes(name, tmp_path):
 
     model = methods.build(name, tiny_llama())
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    trainer = Trainer(model=model, args=args(tmp_path, 4), train_dataset=Records())
+    trainer = Trainer(model=model, args=args(tmp_path, 4), train_dataset=Records(), eval_dataset=Records())
     trainer.train()
+    metrics = trainer.evaluate()  # the eval loss: mean over two batches of 8
+    model.eval()
+    with torch.no_grad():
+        want = sum(float(model(input_ids=IDS[i:i + 8], attention_mask=torch.ones_like(IDS[i:i + 8]),
+                               labels=IDS[i:i + 8]).loss) for i in (0, 8)) / 2
+    assert metrics["eval_loss"] == pytest.approx(want, rel=1e-5)
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     assert trainer.state.global_step == 4 and len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
     after = model.state_dict()

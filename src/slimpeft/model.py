@@ -128,8 +128,9 @@ class RoutingStats:
 
 class _Forward:
     """A wrapper's bound ``forward`` that reports the wrapped model's signature (input_ids, attention_mask, labels,
-    ...): HF Trainer keeps only the dataset columns the model's forward names (``remove_unused_columns``, on by
-    default) and would drop every column of a ``forward(*args, **kwargs)``."""
+    ...) plus the wrapper's own keyword arguments (LoRAMoE's sample_type): HF Trainer keeps only the dataset columns
+    the model's forward names (``remove_unused_columns``, on by default) and would drop every column of a
+    ``forward(*args, **kwargs)``."""
 
     def __init__(self, owner: ModelWrapper) -> None:
         self.owner = owner
@@ -139,7 +140,12 @@ class _Forward:
 
     @property
     def __signature__(self) -> inspect.Signature:
-        return inspect.signature(self.owner.base_model.forward)
+        base = inspect.signature(self.owner.base_model.forward)
+        own = [p for p in inspect.signature(type(self.owner).forward).parameters.values()
+               if p.kind is p.KEYWORD_ONLY and p.name not in base.parameters]
+        params = [p for p in base.parameters.values() if p.kind is not p.VAR_KEYWORD]
+        var_kw = [p for p in base.parameters.values() if p.kind is p.VAR_KEYWORD]
+        return base.replace(parameters=params + own + var_kw)
 
 
 class ModelWrapper(nn.Module):
@@ -159,7 +165,10 @@ class ModelWrapper(nn.Module):
                 raise
             return getattr(self.base_model, name)
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
+    def forward(self, *args: Any, labels: Any = None, **kwargs: Any) -> Any:
+        # ``labels`` named: HF Trainer finds a model's label columns in its class's forward signature (eval loss)
+        if labels is not None:
+            kwargs["labels"] = labels
         return self.base_model(*args, **kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
@@ -200,8 +209,8 @@ class AdaptedModel(ModelWrapper):
         past = cache.get_seq_length() if cache is not None else 0
         self.ctx.reset(kwargs.get("attention_mask"), past_length=int(past))
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        out = super().forward(*args, **kwargs)
+    def forward(self, *args: Any, labels: Any = None, **kwargs: Any) -> Any:
+        out = super().forward(*args, labels=labels, **kwargs)
         if self.training and getattr(out, "loss", None) is not None:
             aux = self.aux_loss()
             if kwargs.get("num_items_in_batch") is not None:

@@ -168,11 +168,11 @@ class MoeModel(AdaptedModel):
         super()._capture_context(module, args, kwargs)
         self.ctx.sample_type = self._sample_type
 
-    def forward(self, *args: Any, sample_type: torch.Tensor | None = None, **kwargs: Any) -> Any:
+    def forward(self, *args: Any, sample_type: torch.Tensor | None = None, labels: Any = None, **kwargs: Any) -> Any:
         """The base model's forward. ``sample_type`` (b,) is LoRAMoE's per-sample type (ignored by the others)."""
         self._sample_type = sample_type
         try:
-            return super().forward(*args, **kwargs)
+            return super().forward(*args, labels=labels, **kwargs)
         finally:
             self._sample_type = None
 
