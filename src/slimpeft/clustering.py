@@ -70,7 +70,7 @@ _CPU_BLOCK_ELEMENTS = 2**18
 
 def _block_rows(x: torch.Tensor) -> int:
     """Rows of x (n, i) per block of the z-score computation: all of them off the CPU."""
-    if x.device.type != "cpu":
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
         return x.shape[0]
     return max(1, _CPU_BLOCK_ELEMENTS // max(1, x.shape[1]))
 
@@ -146,7 +146,7 @@ def _local_sums(x: torch.Tensor, k: torch.Tensor, agg: torch.Tensor, w: torch.Te
     x (n, i) per cluster k (n,), and (3, c) the same of their aggregates agg (n,); w (n,) 1 for the tokens that
     count, 0 for padding. ``scatter``: row scatter-adds (default on a CPU) or a one-hot matmul (elsewhere)."""
     agg_stats = _agg_local_sums(agg, k, w, c)
-    if (x.device.type == "cpu") if scatter is None else scatter:
+    if (x.device.type == "cpu" and not torch.compiler.is_compiling()) if scatter is None else scatter:
         # row scatter-adds, ~3-4 x faster than the one-hot matmul on a CPU (BENCHMARKS.md section 1); padding goes to
         # a spare row c that is dropped. On a GPU they would be atomic adds (run-to-run nondeterministic): the
         # matmul stays there.

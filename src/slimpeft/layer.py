@@ -178,6 +178,7 @@ class SlimLinear(nn.Module):
         # (sum (b,), count (b,), length) of the pooled score over the sequence seen so far, for KV-cache steps
         self._pool_state: tuple[torch.Tensor, torch.Tensor, int] | None = None
         self._init_seen: tuple | None = None  # (version, tensor, value) of clusters.initialized
+        self.register_load_state_dict_post_hook(SlimLinear._forget_init_flag)
         self._eval_cache: tuple[tuple, EvalWeights] | None = None
         self._merged_cache: tuple[EvalWeights, tuple, torch.Tensor] | None = None  # merged_inference's weight
 
@@ -360,6 +361,8 @@ class SlimLinear(nn.Module):
         checkpointing runs the original forward without gradient: every training forward saves its score.)"""
         if not self.training:
             return self._ood_score(xf, lead, valid)
+        if torch.compiler.is_compiling():  # compiled: backward replays the traced graph, never this forward
+            return self._ood_score(xf, lead, valid)
         saved = self._fwd_score
         if torch._C._current_graph_task_id() != -1 and saved is not None and saved[0].shape[0] == xf.shape[0]:
             self._last_u = saved[1]
@@ -402,6 +405,9 @@ class SlimLinear(nn.Module):
             if xv.shape[0] > 0:
                 cl.initialize(xv)
                 just_initialized = True
+                # known without reading the flag (torch.compile: _clusters_initialized); version -1: eager mode
+                # reads it once more
+                self._init_seen = (-1, cl.initialized, True)
         if not self._clusters_initialized():  # never trained: no evidence of anything being out of domain
             d = x.new_zeros(x.shape[0])
         else:
@@ -428,9 +434,20 @@ class SlimLinear(nn.Module):
             ctx.carried_score, ctx.carried_u = d, self._last_u
         return d
 
+    @staticmethod
+    def _forget_init_flag(module: SlimLinear, incompatible_keys: object) -> None:
+        """After loading a state dict: ``clusters.initialized`` may have changed in place; read it again."""
+        module._init_seen = None
+
     def _clusters_initialized(self) -> bool:
         """``clusters.initialized`` as a Python bool, read from the tensor only when it changed (no per-step sync)."""
         flag = self.clusters.initialized
+        seen = self._init_seen
+        if torch.compiler.is_compiling() and seen is not None and seen[1] is flag:
+            # a compiled graph cannot read the flag (a tensor) without a graph break: the value last read, which the
+            # graph is guarded on. It changes only when the clusters are fitted (set below and in _ood_score) or
+            # loaded (_forget_init_flag)
+            return seen[2]
         if self._init_seen is None or self._init_seen[0] != flag._version or self._init_seen[1] is not flag:
             self._init_seen = (flag._version, flag, bool(flag))
         return self._init_seen[2]

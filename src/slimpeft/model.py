@@ -339,6 +339,19 @@ class SlimModel(AdaptedModel):
         if not any(layer.disabled for layer in layers):
             self._scoring_pass(module, args, kwargs, layers)
 
+    def forward(self, *args: Any, labels: Any = None, **kwargs: Any) -> Any:
+        if self.training and torch.compiler.is_compiling() and any(
+                layer._init_seen is None for layer in self._layer_objects()):
+            # torch.compile, while some layer's "clusters fitted" flag is not known in Python (a fresh or just loaded
+            # model): reading it reads a tensor's value, a graph break, and the layers that fit their clusters break
+            # again. Broken inside the layers, this frame and every frame under it would be split at their calls,
+            # and that fragmented code would keep running every step after. Read here instead, the flags guard this
+            # frame: the next call recompiles it whole, as one graph, with every flag a known Python value
+            torch._dynamo.graph_break()
+            for layer in self._layer_objects():
+                layer._clusters_initialized()
+        return super().forward(*args, labels=labels, **kwargs)
+
     def _layer_objects(self) -> list[SlimLinear]:
         """The SLIM layers, found once (walking every module on every forward costs host time a GPU waits for).
         Objects, not names: FSDP renames modules but keeps them, and a deep copy maps the list to its own layers."""

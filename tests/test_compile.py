@@ -1,0 +1,122 @@
+"""torch.compile: a SLIM training step compiles to one graph once the first step has fitted the clusters (no graph
+break, no recompilation at a fixed shape), and compiled training computes what eager training does -- every method,
+through torch.compile directly and through the HF Trainer (``slim train --torch-compile``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo
+from conftest import tiny_llama
+from torch._dynamo.testing import CompileCounter
+from torch._dynamo.utils import counters
+
+from slimpeft import methods
+from slimpeft.config import PRESETS, RECOMMENDED_ROUTING
+
+IDS = torch.randint(3, 97, (4, 16), generator=torch.Generator().manual_seed(0))
+MASK = torch.ones_like(IDS)
+MASK[0, :5] = 0  # left padding in one sequence: the clusters weight it out
+BATCH = dict(input_ids=IDS, attention_mask=MASK, labels=IDS)
+
+SLIM_CONFIGS = {"paper": {}, "recommended": RECOMMENDED_ROUTING, "single": PRESETS["single"],
+                "causal-max": dict(ood_pooling="causal", ood_score="standardized", ood_source="max")}
+
+
+def _breaks() -> int:
+    return sum(counters["graph_break"].values())
+
+
+def _graphs_per_step(model: torch.nn.Module, batches: list[dict]) -> tuple[list[int], list[int]]:
+    """(new graphs, new graph breaks) of each training forward + backward of ``model`` under torch.compile."""
+    torch._dynamo.reset()
+    counters.clear()
+    cnt = CompileCounter()
+    f = torch.compile(model.train(), backend=cnt)
+    graphs, breaks = [], []
+    for batch in batches:
+        g, b = cnt.frame_count, _breaks()
+        f(**batch).loss.backward()
+        graphs.append(cnt.frame_count - g)
+        breaks.append(_breaks() - b)
+    return graphs, breaks
+
+
+@pytest.mark.parametrize("name", list(SLIM_CONFIGS))
+def test_slim_training_step_is_one_graph_after_the_first(name):
+    graphs, breaks = _graphs_per_step(methods.build("slim", tiny_llama(), **SLIM_CONFIGS[name]), [BATCH] * 4)
+    # step 0 fits the clusters (graph breaks); step 1 recompiles the whole model as one graph; then nothing
+    assert breaks[0] > 0 and breaks[1:] == [0, 0, 0]
+    assert graphs[1:] == [1, 0, 0]
+
+
+@pytest.mark.parametrize("name", ["lora", "mixlora", "loramoe", "mola", "full"])
+def test_baselines_compile_to_one_graph(name):
+    graphs, breaks = _graphs_per_step(methods.build(name, tiny_llama()), [BATCH] * 3)
+    assert graphs == [1, 0, 0] and breaks == [0, 0, 0]
+
+
+def test_slim_compiles_without_breaks_when_shapes_change():
+    batches = []
+    for t in (16, 16, 12, 20, 9, 24):  # the Trainer's padded batches change length from step to step
+        ids = torch.randint(3, 97, (4, t), generator=torch.Generator().manual_seed(t))
+        mask = torch.ones_like(ids)
+        mask[1, : t // 3] = 0
+        batches.append(dict(input_ids=ids, attention_mask=mask, labels=ids))
+    graphs, breaks = _graphs_per_step(methods.build("slim", tiny_llama()), batches)
+    assert breaks[1:] == [0] * 5  # shape changes recompile (once dynamic), never break the graph
+    assert graphs[1] == 1 and graphs[-1] == 0 and sum(graphs[1:]) <= 3
+
+
+def _train(config: dict, backend: str | None, steps: int = 4, model: torch.nn.Module | None = None):
+    """Losses and final state of ``steps`` SGD steps, eagerly (backend None) or compiled."""
+    torch.manual_seed(1)
+    model = model if model is not None else methods.build("slim", tiny_llama(), mask_rate=0.0, **config)
+    model.train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    torch._dynamo.reset()
+    f = torch.compile(model, backend=backend) if backend else model
+    losses = []
+    for _ in range(steps):
+        loss = f(**BATCH).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss))
+    return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_same_run(a, b, tol: float) -> None:
+    (la, sa), (lb, sb) = a, b
+    assert la == pytest.approx(lb, rel=tol, abs=tol)
+    assert la[-1] < la[0]  # it learned
+    for k in sa:  # parameters and every cluster buffer (centres, variances, calibration, fitted flag, updates)
+        torch.testing.assert_close(sa[k], sb[k], rtol=tol, atol=tol, msg=k)
+
+
+@pytest.mark.parametrize("name", ["paper", "recommended"])
+def test_compiled_training_equals_eager(name):
+    """The traced graph (AOTAutograd, no code generation) against eager mode: the routing, the clusters' fitting and
+    sliding (one block and the one-hot sums under compile, blocks and scatter-adds eagerly on a CPU), the scoring
+    pass. Masks off: compiled code draws its random numbers differently."""
+    _assert_same_run(_train(SLIM_CONFIGS[name], "aot_eager"), _train(SLIM_CONFIGS[name], None), 1e-5)
+
+
+def test_inductor_training_matches_eager():
+    """The generated code users run (inductor, C++ on a CPU): equal to float rounding."""
+    _assert_same_run(_train({}, "inductor", steps=3), _train({}, None, steps=3), 1e-4)
+
+
+def test_loading_a_state_into_a_compiled_model_refits_unfitted_clusters():
+    """Compiled code knows whether the clusters are fitted from a Python flag; loading a state dict resets it, so
+    loading never-trained clusters into a trained, compiled model makes the next step fit them again, as eagerly."""
+    fresh = methods.build("slim", tiny_llama(), mask_rate=0.0).state_dict()
+    model = methods.build("slim", tiny_llama(), mask_rate=0.0)
+    _train({}, "aot_eager", steps=2, model=model)
+    model.load_state_dict(fresh)
+    layer = next(iter(model.slim_layers().values()))
+    assert not bool(layer.clusters.initialized)
+    compiled = _train({}, "aot_eager", steps=2, model=model)
+    eager = methods.build("slim", tiny_llama(), mask_rate=0.0)
+    eager.load_state_dict(fresh)
+    _assert_same_run(compiled, _train({}, None, steps=2, model=eager), 1e-5)
