@@ -137,6 +137,9 @@ def train(
     precision: Annotated[str, typer.Option(help="fp32, bf16 (mixed precision, CPU or GPU) or fp16 (GPU): "
                                                 "torch.autocast through the Trainer, weights kept in float32")
                          ] = "fp32",
+    torch_compile: Annotated[str, typer.Option(help="torch.compile backend, 'inductor' (generated kernels) or "
+                                                    "'aot_eager'; empty: eager. SLIM compiles to one graph from the "
+                                                    "second step on")] = "",
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
     """Fine-tune a base model with one method; writes the adapter, config, logs and checkpoints to OUT."""
@@ -155,7 +158,7 @@ def train(
                      save_steps=save_steps,
                      logging_steps=logging_steps, sync_check_steps=sync_check_steps, resume=resume, progress=progress,
                      deepspeed=deepspeed, fsdp_config=fsdp_config, precision=precision,
-                     gradient_checkpointing=gradient_checkpointing)
+                     gradient_checkpointing=gradient_checkpointing, torch_compile=torch_compile)
     errs = args.validate()
     if errs:
         _fail("invalid arguments:\n  " + "\n  ".join(errs))

@@ -41,6 +41,7 @@ ADAPTER_DIR = "adapter"
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+COMPILE_BACKENDS = ("inductor", "aot_eager")  # torch.compile backends offered by --torch-compile
 
 # Why an FSDP run is refused; checked on the arguments (--fsdp-config) and again once the Trainer knows whether
 # FSDP is really on (an accelerate FSDP config enables it without the flag).
@@ -92,6 +93,10 @@ class TrainArgs:
         "help": "fp32, or mixed precision through torch.autocast: bf16 (CPU or GPU) or fp16 (GPU only, with loss "
                 "scaling); the weights stay float32 (the Trainer's bf16 / fp16 options). An accelerate config's "
                 "mixed_precision applies as well"})
+    torch_compile: str = field(default="", metadata={
+        "help": "torch.compile backend for training through the Trainer ('inductor': generated kernels; "
+                "'aot_eager': traced, no code generation); empty: eager. SLIM compiles to one graph from the second "
+                "step on (the first fits the clusters)"})
 
     def validate(self) -> list[str]:
         from . import methods
@@ -115,6 +120,12 @@ class TrainArgs:
             errs.append(f"--precision {self.precision!r}: unknown; choose from {', '.join(PRECISIONS)}")
         elif self.precision == "fp16" and not torch.cuda.is_available():
             errs.append("--precision fp16 needs a CUDA GPU (float16 autocast with loss scaling); on a CPU use bf16")
+        if self.torch_compile and self.torch_compile not in COMPILE_BACKENDS:
+            errs.append(f"--torch-compile {self.torch_compile!r}: unknown backend; choose from "
+                        f"{', '.join(COMPILE_BACKENDS)}")
+        if self.torch_compile and self.gradient_checkpointing and self.method == "slim":
+            errs.append("--torch-compile with --gradient-checkpointing: not supported for SLIM (its recomputation is "
+                        "routed by eager code); use one of them")
         if self.deepspeed and self.fsdp_config:
             errs.append("--deepspeed and --fsdp-config exclude each other")
         if self.fsdp_config and not torch.cuda.is_available():
@@ -511,6 +522,8 @@ def train(args: TrainArgs, callbacks: list | None = None) -> Path:
         gradient_checkpointing=args.gradient_checkpointing,
         bf16=args.precision == "bf16",
         fp16=args.precision == "fp16",
+        torch_compile=bool(args.torch_compile),
+        torch_compile_backend=args.torch_compile or None,
         fsdp="full_shard auto_wrap" if args.fsdp_config else None,
         fsdp_config=args.fsdp_config or None,
     )
