@@ -164,3 +164,21 @@ def test_train_cli_refuses_bad_compile_options(tiny_base, tmp_path, argv, messag
     res = CliRunner().invoke(app, ["train", "--base", str(tiny_base), "--out", str(out), "--steps", "2", *argv])
     assert res.exit_code != 0 and message in res.output
     assert not out.exists()  # refused before anything was written
+
+
+def test_speed_bench_times_the_compiled_training_step():
+    """``slim bench speed --torch-compile``: eager and compiled steps of SLIM and LoRA side by side, each compiled
+    model counted as one graph after its warm-up steps (traced backend here: seconds, not minutes)."""
+    from pathlib import Path
+
+    from slimpeft.bench.speed import ModelBenchArgs, train_compile_benchmark
+
+    base = Path(__file__).resolve().parents[1] / "assets" / "base"
+    torch._dynamo.reset()
+    counters.clear()
+    rec = train_compile_benchmark(ModelBenchArgs(base=str(base), batch_size=2, seq_len=16, reps=2), "aot_eager")
+    assert set(rec) == {"slim", "slim-compiled", "lora", "lora-compiled"}
+    for k, r in rec.items():
+        assert r["tokens_per_s"] == pytest.approx(2 * 16 / r["step_s"]) and len(r["step_rounds_s"]) == 2
+        assert ("first_3_steps_s" in r) == k.endswith("-compiled") and r.get("backend", "aot_eager") == "aot_eager"
+    assert counters["stats"]["unique_graphs"] > 2  # both models really compiled

@@ -304,6 +304,9 @@ def bench_speed(
                     ] = "assets/base",
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N; a GPU run writes OUT/speed-cuda.json "
                                              "(synchronised timing, peak memory from torch.cuda)")] = "cpu",
+    torch_compile: Annotated[str, typer.Option(help="also time SLIM's and LoRA's training step under torch.compile "
+                                                    "with this backend (inductor or aot_eager), eager and compiled "
+                                                    "side by side; adds minutes of compilation")] = "",
 ) -> None:
     """Layer, masking, model training (tokens/s, peak memory) and generation speed of SLIM vs LoRA, the MoE
     baselines, full fine-tuning and the base model, side by side in one run, with the issue-6 targets."""
@@ -316,7 +319,12 @@ def bench_speed(
         dev = resolve_device(device)
     except ValueError as e:
         _fail(str(e))
-    result = run_speed_bench(quick=quick, out=record_path(Path(out), quick, str(dev)), base=base, device=str(dev))
+    from .training import COMPILE_BACKENDS
+
+    if torch_compile and torch_compile not in COMPILE_BACKENDS:
+        _fail(f"--torch-compile {torch_compile!r}: unknown backend; choose from {', '.join(COMPILE_BACKENDS)}")
+    result = run_speed_bench(quick=quick, out=record_path(Path(out), quick, str(dev)), base=base, device=str(dev),
+                             compile_backend=torch_compile)
     if as_json:
         typer.echo(json.dumps(result, sort_keys=True))
     else:

@@ -322,15 +322,17 @@ def _warmup(device: str) -> int:
     return 3 if torch.device(device).type == "cuda" else 1
 
 
-def _train_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], amp: bool = False):
-    """One training step as a callable; ``amp``: the forward under bf16 autocast (the Trainer's bf16=True)."""
+def _train_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], amp: bool = False, backend: str = ""):
+    """One training step as a callable; ``amp``: the forward under bf16 autocast (the Trainer's bf16=True);
+    ``backend``: the model under ``torch.compile`` with that backend (the Trainer's torch_compile)."""
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     device_type = batch["input_ids"].device.type
+    fwd = torch.compile(model, backend=backend) if backend else model
 
     def step() -> None:
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=amp):
-            loss = model(**batch).loss  # the loss includes the method's auxiliary losses
+            loss = fwd(**batch).loss  # the loss includes the method's auxiliary losses
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -356,6 +358,36 @@ def train_benchmark(args: ModelBenchArgs, names: tuple[str, ...] = TRAIN_METHODS
         for n, m in models.items():
             out[n]["ops_per_step"] = op_count(_train_step(m, batch))  # forward, backward and optimizer step
     return out
+
+
+def train_compile_benchmark(args: ModelBenchArgs, backend: str = "inductor", names: tuple[str, ...] = ("slim", "lora")
+                            ) -> dict[str, dict[str, float]]:
+    """Training steps of each method eager and under ``torch.compile(backend=...)`` (``slim train --torch-compile``),
+    the four timed round-robin in one process: ``{name}`` and ``{name}-compiled`` records with the median step,
+    tokens/s and, compiled, the seconds of the first three steps (SLIM: the first fits the clusters in fragments, the
+    second compiles the whole model as one graph)."""
+    import time
+
+    vocab = None
+    steps, compile_s = {}, {}
+    for n in names:
+        for backend_ in ("", backend):
+            model = build_method(n, args.base, args.seed, device=args.device)
+            vocab = vocab or model.config.vocab_size
+            key = f"{n}-compiled" if backend_ else n
+            steps[key] = _train_step(model, _train_batch(args, vocab), backend=backend_)
+            if backend_:
+                t0 = time.perf_counter()
+                for _ in range(3):
+                    steps[key]()
+                if (sync := device_sync(args.device)) is not None:
+                    sync()
+                compile_s[key] = time.perf_counter() - t0
+    rounds = interleaved_times(steps, reps=args.reps, warmup=_warmup(args.device), sync=device_sync(args.device))
+    t = medians(rounds)
+    tokens = args.batch_size * args.seq_len
+    return {k: {"step_s": t[k], "tokens_per_s": tokens / t[k], "step_rounds_s": rounds[k],
+                **({"first_3_steps_s": compile_s[k], "backend": backend} if k in compile_s else {})} for k in steps}
 
 
 def _proc_status() -> dict[str, int]:
@@ -478,10 +510,11 @@ TARGETS: dict[str, tuple[float, str]] = {
 
 def run_speed_bench(quick: bool = False, out: Path | None = None, base: str = "assets/base", *,
                     layer_shape: LayerShape | None = None, mask_shape: tuple[int, int] = (4096, 11008),
-                    model_args: ModelBenchArgs | None = None, device: str = "cpu") -> dict:
+                    model_args: ModelBenchArgs | None = None, device: str = "cpu", compile_backend: str = "") -> dict:
     """All four measurements in one run on ``device``; returns (and writes to ``out``) one record whose top level
     holds every ratio, the targets met or not, and the measurements behind them. The keyword arguments override the
-    shapes (tests use tiny ones); ``model_args.device``, when given, wins over ``device``."""
+    shapes (tests use tiny ones); ``model_args.device``, when given, wins over ``device``. ``compile_backend``: also
+    SLIM's and LoRA's training step under torch.compile (``train_compile_benchmark``; minutes of compilation)."""
     import time
 
     t0 = time.perf_counter()
@@ -497,6 +530,7 @@ def run_speed_bench(quick: bool = False, out: Path | None = None, base: str = "a
                                          wide_layers=0 if quick else 2, device=str(dev))
     train = train_benchmark(margs)
     train_bf16 = train_benchmark(margs, ("slim", "lora"), amp=True)  # mixed precision: informative, no target
+    train_compiled = train_compile_benchmark(margs, compile_backend) if compile_backend else None
     mem_methods = ("slim", "lora") if quick else TRAIN_METHODS
     for n in mem_methods:
         train[n].update(peak_step_memory(n, margs))
@@ -511,6 +545,11 @@ def run_speed_bench(quick: bool = False, out: Path | None = None, base: str = "a
     }
     ratios["train_bf16_slim_over_lora_tokens_per_s"] = (train_bf16["slim"]["tokens_per_s"]
                                                          / train_bf16["lora"]["tokens_per_s"])
+    if train_compiled is not None:  # informative, no target
+        tc = {k: v["tokens_per_s"] for k, v in train_compiled.items()}
+        ratios["train_compiled_slim_over_lora_tokens_per_s"] = tc["slim-compiled"] / tc["lora-compiled"]
+        ratios["train_compiled_slim_speedup"] = tc["slim-compiled"] / tc["slim"]
+        ratios["train_compiled_lora_speedup"] = tc["lora-compiled"] / tc["lora"]
     if "ops_per_step" in train["slim"]:
         ratios["train_ops_slim_over_lora"] = train["slim"]["ops_per_step"] / train["lora"]["ops_per_step"]
     if layer_bf16 is not None:
@@ -548,6 +587,7 @@ def run_speed_bench(quick: bool = False, out: Path | None = None, base: str = "a
         **ratios,
         "targets": targets,
         "layer_float32": layer, "masking": masking, "layer_ops": ops, "train": train, "train_bf16": train_bf16,
+        **({"train_compiled": train_compiled} if train_compiled is not None else {}),
         "infer": infer,
         **({"infer_wide": infer_wide} if infer_wide is not None else {}),
         "meta": {"quick": quick, "layer_shape": asdict(shape), "model": asdict(margs), "wide_shape": WIDE_SHAPE,
@@ -621,6 +661,20 @@ def print_speed_tables(result: dict) -> None:
                   f"{rec['tokens_per_s']:.0f}", f"{rec['tokens_per_s'] / amp['lora']['tokens_per_s']:.3f}", "-", "-",
                   "-")
     con.print(t)
+    if "train_compiled" in result:
+        tc = result["train_compiled"]
+        t = Table(title="training step, eager and under torch.compile (timed round-robin; first 3 steps: compilation "
+                        "included)")
+        for col in ("method", "step s", "tokens/s", "/ lora (same mode)", "/ eager", "first 3 steps s"):
+            t.add_column(col, justify="right" if col != "method" else "left")
+        for k, rec in tc.items():
+            n, compiled = k.removesuffix("-compiled"), k.endswith("-compiled")
+            lora = tc["lora-compiled" if compiled else "lora"]["tokens_per_s"]
+            t.add_row(f"{k} ({rec['backend']})" if compiled else k, f"{rec['step_s']:.3f}",
+                      f"{rec['tokens_per_s']:.0f}", f"{rec['tokens_per_s'] / lora:.3f}",
+                      f"{rec['tokens_per_s'] / tc[n]['tokens_per_s']:.3f}",
+                      f"{rec['first_3_steps_s']:.1f}" if compiled else "-")
+        con.print(t)
     batches = result["meta"]["model"]["infer_batches"]
     wide = f"{result['meta']['model']['wide_layers']} layers of TinyLlama-1.1B's shape"
     for key, what in (("infer", "the shipped base"), ("infer_wide", wide)):
