@@ -19,6 +19,7 @@ MASK = torch.ones_like(IDS)
 MASK[0, :5] = 0  # left padding in one sequence: the clusters weight it out
 BATCH = dict(input_ids=IDS, attention_mask=MASK, labels=IDS)
 
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
 SLIM_CONFIGS = {"paper": {}, "recommended": RECOMMENDED_ROUTING, "single": PRESETS["single"],
                 "causal-max": dict(ood_pooling="causal", ood_score="standardized", ood_source="max")}
 
@@ -50,6 +51,13 @@ def test_slim_training_step_is_one_graph_after_the_first(name):
     assert graphs[1:] == [1, 0, 0]
 
 
+@needs_cuda
+def test_slim_training_step_is_one_graph_on_cuda():
+    batch = {k: v.cuda() for k, v in BATCH.items()}
+    graphs, breaks = _graphs_per_step(methods.build("slim", tiny_llama()).cuda(), [batch] * 4)
+    assert breaks[1:] == [0, 0, 0] and graphs[1:] == [1, 0, 0]
+
+
 @pytest.mark.parametrize("name", ["lora", "mixlora", "loramoe", "mola", "full"])
 def test_baselines_compile_to_one_graph(name):
     graphs, breaks = _graphs_per_step(methods.build(name, tiny_llama()), [BATCH] * 3)
@@ -68,22 +76,24 @@ def test_slim_compiles_without_breaks_when_shapes_change():
     assert graphs[1] == 1 and graphs[-1] == 0 and sum(graphs[1:]) <= 3
 
 
-def _train(config: dict, backend: str | None, steps: int = 4, model: torch.nn.Module | None = None):
-    """Losses and final state of ``steps`` SGD steps, eagerly (backend None) or compiled."""
+def _train(config: dict, backend: str | None, steps: int = 4, model: torch.nn.Module | None = None,
+           device: str = "cpu"):
+    """Losses and final state (on the CPU) of ``steps`` SGD steps, eagerly (backend None) or compiled."""
     torch.manual_seed(1)
     model = model if model is not None else methods.build("slim", tiny_llama(), mask_rate=0.0, **config)
-    model.train()
+    model.to(device).train()
+    batch = {k: v.to(device) for k, v in BATCH.items()}
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     torch._dynamo.reset()
     f = torch.compile(model, backend=backend) if backend else model
     losses = []
     for _ in range(steps):
-        loss = f(**BATCH).loss
+        loss = f(**batch).loss
         loss.backward()
         opt.step()
         opt.zero_grad()
         losses.append(float(loss))
-    return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return losses, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
 def _assert_same_run(a, b, tol: float) -> None:
@@ -102,9 +112,12 @@ def test_compiled_training_equals_eager(name):
     _assert_same_run(_train(SLIM_CONFIGS[name], "aot_eager"), _train(SLIM_CONFIGS[name], None), 1e-5)
 
 
-def test_inductor_training_matches_eager():
-    """The generated code users run (inductor, C++ on a CPU): equal to float rounding."""
-    _assert_same_run(_train({}, "inductor", steps=3), _train({}, None, steps=3), 1e-4)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_inductor_training_matches_eager(device):
+    """The generated code users run (inductor: C++ on a CPU, Triton on a GPU): equal to float rounding."""
+    if device == "cuda":  # full float32 matmuls on both sides
+        torch.backends.cuda.matmul.allow_tf32 = False
+    _assert_same_run(_train({}, "inductor", steps=3, device=device), _train({}, None, steps=3, device=device), 1e-4)
 
 
 def test_loading_a_state_into_a_compiled_model_refits_unfitted_clusters():
