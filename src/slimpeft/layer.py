@@ -361,7 +361,9 @@ class SlimLinear(nn.Module):
         checkpointing runs the original forward without gradient: every training forward saves its score.)"""
         if not self.training:
             return self._ood_score(xf, lead, valid)
-        if torch.compiler.is_compiling():  # compiled: backward replays the traced graph, never this forward
+        if torch.compiler.is_compiling():
+            # traced: the score is part of the graph, and a checkpointed region's recomputation replays traced ops,
+            # never this Python code (tests/test_compile.py, with and without gradient checkpointing)
             return self._ood_score(xf, lead, valid)
         saved = self._fwd_score
         if torch._C._current_graph_task_id() != -1 and saved is not None and saved[0].shape[0] == xf.shape[0]:

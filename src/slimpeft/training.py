@@ -123,9 +123,6 @@ class TrainArgs:
         if self.torch_compile and self.torch_compile not in COMPILE_BACKENDS:
             errs.append(f"--torch-compile {self.torch_compile!r}: unknown backend; choose from "
                         f"{', '.join(COMPILE_BACKENDS)}")
-        if self.torch_compile and self.gradient_checkpointing and self.method == "slim":
-            errs.append("--torch-compile with --gradient-checkpointing: not supported for SLIM (its recomputation is "
-                        "routed by eager code); use one of them")
         if self.deepspeed and self.fsdp_config:
             errs.append("--deepspeed and --fsdp-config exclude each other")
         if self.fsdp_config and not torch.cuda.is_available():
