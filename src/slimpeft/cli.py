@@ -319,10 +319,10 @@ def bench_speed(
         dev = resolve_device(device)
     except ValueError as e:
         _fail(str(e))
-    from .training import COMPILE_BACKENDS
+    from .training import compile_backend_error
 
-    if torch_compile and torch_compile not in COMPILE_BACKENDS:
-        _fail(f"--torch-compile {torch_compile!r}: unknown backend; choose from {', '.join(COMPILE_BACKENDS)}")
+    if (err := compile_backend_error(torch_compile)) is not None:
+        _fail(err)
     result = run_speed_bench(quick=quick, out=record_path(Path(out), quick, str(dev)), base=base, device=str(dev),
                              compile_backend=torch_compile)
     if as_json:

@@ -69,7 +69,8 @@ _CPU_BLOCK_ELEMENTS = 2**18
 
 
 def _block_rows(x: torch.Tensor) -> int:
-    """Rows of x (n, i) per block of the z-score computation: all of them off the CPU."""
+    """Rows of x (n, i) per block of the z-score computation: all of them off the CPU and under torch.compile (the
+    generated code fuses the block's temporaries away)."""
     if x.device.type != "cpu" or torch.compiler.is_compiling():
         return x.shape[0]
     return max(1, _CPU_BLOCK_ELEMENTS // max(1, x.shape[1]))
@@ -144,7 +145,8 @@ def _local_sums(x: torch.Tensor, k: torch.Tensor, agg: torch.Tensor, w: torch.Te
                 scatter: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """This process's weighted sums for a sliding step: (c, 1 + 2i) counts, sums and sums of squares of the tokens
     x (n, i) per cluster k (n,), and (3, c) the same of their aggregates agg (n,); w (n,) 1 for the tokens that
-    count, 0 for padding. ``scatter``: row scatter-adds (default on a CPU) or a one-hot matmul (elsewhere)."""
+    count, 0 for padding. ``scatter``: row scatter-adds (default on a CPU in eager mode) or a one-hot matmul
+    (elsewhere, and under torch.compile, whose CPU code for the scatter-adds was ~6 x slower than eager's)."""
     agg_stats = _agg_local_sums(agg, k, w, c)
     if (x.device.type == "cpu" and not torch.compiler.is_compiling()) if scatter is None else scatter:
         # row scatter-adds, ~3-4 x faster than the one-hot matmul on a CPU (BENCHMARKS.md section 1); padding goes to

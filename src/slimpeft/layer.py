@@ -450,9 +450,9 @@ class SlimLinear(nn.Module):
             # graph is guarded on. It changes only when the clusters are fitted (set below and in _ood_score) or
             # loaded (_forget_init_flag)
             return seen[2]
-        if self._init_seen is None or self._init_seen[0] != flag._version or self._init_seen[1] is not flag:
-            self._init_seen = (flag._version, flag, bool(flag))
-        return self._init_seen[2]
+        if seen is None or seen[0] != flag._version or seen[1] is not flag:
+            self._init_seen = seen = (flag._version, flag, bool(flag))
+        return seen[2]
 
     def _pooled_score(self, agg: torch.Tensor, k: torch.Tensor, lead: torch.Size, valid: torch.Tensor | None,
                       just_initialized: bool, u: torch.Tensor | None = None) -> torch.Tensor:

@@ -43,6 +43,13 @@ ADAPTER_DIR = "adapter"
 PRECISIONS = ("fp32", "bf16", "fp16")
 COMPILE_BACKENDS = ("inductor", "aot_eager")  # torch.compile backends offered by --torch-compile
 
+
+def compile_backend_error(backend: str) -> str | None:
+    """Why ``--torch-compile BACKEND`` is refused (None: empty, i.e. eager, or a backend in COMPILE_BACKENDS)."""
+    if backend and backend not in COMPILE_BACKENDS:
+        return f"--torch-compile {backend!r}: unknown backend; choose from {', '.join(COMPILE_BACKENDS)}"
+    return None
+
 # Why an FSDP run is refused; checked on the arguments (--fsdp-config) and again once the Trainer knows whether
 # FSDP is really on (an accelerate FSDP config enables it without the flag).
 FSDP_NEEDS_GPUS = ("FSDP needs GPUs (accelerate enables it only on accelerator devices; on CPU the run would silently "
@@ -120,9 +127,8 @@ class TrainArgs:
             errs.append(f"--precision {self.precision!r}: unknown; choose from {', '.join(PRECISIONS)}")
         elif self.precision == "fp16" and not torch.cuda.is_available():
             errs.append("--precision fp16 needs a CUDA GPU (float16 autocast with loss scaling); on a CPU use bf16")
-        if self.torch_compile and self.torch_compile not in COMPILE_BACKENDS:
-            errs.append(f"--torch-compile {self.torch_compile!r}: unknown backend; choose from "
-                        f"{', '.join(COMPILE_BACKENDS)}")
+        if (err := compile_backend_error(self.torch_compile)) is not None:
+            errs.append(err)
         if self.deepspeed and self.fsdp_config:
             errs.append("--deepspeed and --fsdp-config exclude each other")
         if self.fsdp_config and not torch.cuda.is_available():
