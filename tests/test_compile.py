@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch._dynamo
 from conftest import tiny_llama
-from torch._dynamo.testing import CompileCounter
+from torch._dynamo.testing import CompileCounter, CompileCounterWithBackend
 from torch._dynamo.utils import counters
 
 from slimpeft import methods
@@ -206,3 +206,119 @@ def test_speed_bench_times_the_compiled_training_step():
         assert r["tokens_per_s"] == pytest.approx(2 * 16 / r["step_s"]) and len(r["step_rounds_s"]) == 2
         assert ("first_3_steps_s" in r) == k.endswith("-compiled") and r.get("backend", "aot_eager") == "aot_eager"
     assert counters["stats"]["unique_graphs"] > 2  # both models really compiled
+
+
+# ---------------------------------------------------------------------------------------------- inference
+def _trained(name: str) -> torch.nn.Module:
+    """A SLIM model of preset ``name`` after two eager training steps (fitted clusters, non-zero adapters)."""
+    model = methods.build("slim", tiny_llama(), **SLIM_CONFIGS[name])
+    _train_eager(model, 2)
+    return model
+
+
+def _train_eager(model: torch.nn.Module, steps: int) -> None:
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model.train()
+    for _ in range(steps):
+        model(**BATCH).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+
+
+@pytest.mark.parametrize("name", list(SLIM_CONFIGS))
+def test_compiled_inference_is_one_graph_and_follows_training(name):
+    """Eval mode under torch.compile: the first call builds the cached eval weights outside the graph, the second
+    compiles the whole model as one graph, and after that nothing recompiles, not even when training in between
+    changed the weights -- the compiled model then computes with the new ones (the switch to eval mode dropped the
+    cache, which the next call rebuilt)."""
+    model = _trained(name)
+    torch._dynamo.reset()
+    counters.clear()
+    cnt = CompileCounterWithBackend("aot_eager")
+    f = torch.compile(model, backend=cnt)
+    inputs = dict(input_ids=IDS, attention_mask=MASK)
+    graphs, breaks = [], []
+    for cycle in range(3):
+        if cycle:
+            _train_eager(model, 1)
+        for _ in range(2):
+            g, b = cnt.frame_count, _breaks()
+            with torch.no_grad():
+                out = f(**inputs).logits
+            graphs.append(cnt.frame_count - g)
+            breaks.append(_breaks() - b)
+            with torch.no_grad():
+                ref = model(**inputs).logits  # eager, on the same weights
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert breaks[0] > 0 and breaks[1:] == [0] * 5
+    assert graphs[1:] == [1, 0, 0, 0, 0]
+
+
+def test_compiled_inference_sees_loaded_and_dropped_weights():
+    """The cached eval weights a compiled model reads are dropped by load_state_dict (and by drop_inference_cache
+    after an in-place edit), so that it computes with the new weights, as eager mode does."""
+    model = _trained("paper")
+    g = torch.Generator().manual_seed(1)
+    new_B = {k: torch.randn(v.shape, generator=g) * 0.5 for k, v in model.state_dict().items() if "lora_B" in k}
+    f = torch.compile(model, backend="aot_eager")
+    inputs = dict(input_ids=IDS, attention_mask=MASK)
+    with torch.no_grad():
+        before = f(**inputs).logits
+        f(**inputs)
+        model.load_state_dict(new_B, strict=False)
+        after = f(**inputs).logits
+        torch.testing.assert_close(after, model(**inputs).logits, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(after, before, atol=1e-4)
+        for layer in model.slim_layers().values():
+            layer.experts.lora_B.mul_(2.0)
+        model.drop_inference_cache()
+        torch.testing.assert_close(f(**inputs).logits, model(**inputs).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["paper", "single", "causal-max"])
+def test_compiled_generate_with_a_static_cache_is_one_graph(name):
+    """HF generate with a static KV cache and a compile config (what it does by itself on a GPU) compiles each
+    decoding step of SLIM to one graph: no graph break, nothing recompiled by a second generate call, and the same
+    tokens as eager generation with the dynamic cache."""
+    from transformers.generation.configuration_utils import CompileConfig
+
+    model = _trained(name)
+    cc = CompileConfig(backend="aot_eager", mode="default")
+    cc._compile_all_devices = True  # transformers compiles by itself only on accelerators
+    prompt = IDS[1:3, :6]
+    kw = dict(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=6,
+              min_new_tokens=6, pad_token_id=0)
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad():
+        ref = model.generate(**kw)
+        out = model.generate(**kw, cache_implementation="static", compile_config=cc)
+        graphs = counters["stats"]["unique_graphs"]
+        again = model.generate(**kw, cache_implementation="static", compile_config=cc)
+    assert torch.equal(out, ref) and torch.equal(again, ref)
+    assert _breaks() == 0 and graphs >= 1
+    assert counters["stats"]["unique_graphs"] == graphs  # the second call reused the compiled step
+
+
+def test_speed_bench_times_compiled_generation():
+    """``slim bench speed --torch-compile``'s generation record: eager and compiled generation of the base, LoRA and
+    SLIM per batch size, with tokens/s consistent with the times, the first (compiling) call timed, and the
+    compiled decoding steps free of graph breaks."""
+    from pathlib import Path
+
+    from slimpeft.bench.speed import ModelBenchArgs, infer_compile_benchmark
+
+    base = Path(__file__).resolve().parents[1] / "assets" / "base"
+    torch._dynamo.reset()
+    counters.clear()
+    args = ModelBenchArgs(base=str(base), prompt_len=4, new_tokens=3, infer_batches=(1, 2), reps=2, seq_len=16)
+    rec = infer_compile_benchmark(args, "aot_eager")
+    assert set(rec) == {"base", "base-compiled", "lora", "lora-compiled", "slim", "slim-compiled"}
+    for k, r in rec.items():
+        for b in (1, 2):
+            assert r[f"batch{b}_tokens_per_s"] == pytest.approx(b * 3 / r[f"batch{b}_s"])
+            assert len(r[f"batch{b}_rounds_s"]) == 2
+            assert (f"batch{b}_first_call_s" in r) == k.endswith("-compiled")
+        assert r.get("backend", "aot_eager") == "aot_eager" and r.get("mode", "default") == "default"
+    assert counters["stats"]["unique_graphs"] >= 3 and _breaks() == 0  # every model compiled, none broke

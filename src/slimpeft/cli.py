@@ -304,9 +304,10 @@ def bench_speed(
                     ] = "assets/base",
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N; a GPU run writes OUT/speed-cuda.json "
                                              "(synchronised timing, peak memory from torch.cuda)")] = "cpu",
-    torch_compile: Annotated[str, typer.Option(help="also time SLIM's and LoRA's training step under torch.compile "
-                                                    "with this backend (inductor or aot_eager), eager and compiled "
-                                                    "side by side; adds minutes of compilation")] = "",
+    torch_compile: Annotated[str, typer.Option(help="also time SLIM's and LoRA's training step, and the base's, "
+                                                    "LoRA's and SLIM's generation (static KV cache), under "
+                                                    "torch.compile with this backend (inductor or aot_eager), eager "
+                                                    "and compiled side by side; adds minutes of compilation")] = "",
 ) -> None:
     """Layer, masking, model training (tokens/s, peak memory) and generation speed of SLIM vs LoRA, the MoE
     baselines, full fine-tuning and the base model, side by side in one run, with the issue-6 targets."""

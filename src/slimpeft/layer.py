@@ -34,7 +34,10 @@ class RoutingContext:
     """State shared by all adapted layers of one model during one forward pass."""
 
     attention_mask: torch.Tensor | None = None  # (b, t_total): marks real tokens; padding is ignored
-    past_length: int = 0  # tokens already in the KV cache before this forward pass (0 without a cache)
+    # tokens already in the KV cache before this forward pass (0 without a cache), as the cache reported it: an int,
+    # or a 0-dim tensor (a static cache), read as an int only where a layer needs it (``past_length``), so that a
+    # generation step whose layers do not pool over the sequence neither waits for the device nor breaks a graph
+    past: int | torch.Tensor = 0
     # (n,) d carried between layers: the first adapted layer's (ood_source "first") or the running maximum over
     # the layers run so far (ood_source "max"); carried_u is the continuous score behind it
     carried_score: torch.Tensor | None = None
@@ -53,9 +56,16 @@ class RoutingContext:
     # merged_inference: the scoring pass flagged none of this call's sequences (set by the model, one check per call)
     unflagged: bool = False
 
-    def reset(self, attention_mask: torch.Tensor | None, past_length: int = 0) -> None:
+    @property
+    def past_length(self) -> int:
+        """``past`` as an int (one device sync the first time it is read for a tensor)."""
+        if torch.is_tensor(self.past):
+            self.past = int(self.past)
+        return self.past
+
+    def reset(self, attention_mask: torch.Tensor | None, past_length: int | torch.Tensor = 0) -> None:
         self.attention_mask = attention_mask
-        self.past_length = past_length
+        self.past = past_length
         self.carried_score = None
         self.carried_u = None
         self.fixed_score = None
@@ -139,6 +149,13 @@ _FAST_EVAL_FIELDS = frozenset({
     "router_init_std", "router_lr_scale", "seed", "spread_floor", "yield_in_training", "adapt_output_head",
     "merged_inference",
 })
+
+
+@torch.compiler.disable
+def _run_eagerly(fn: Callable[[], object]) -> None:
+    """``fn()`` outside the compiled graph (a graph break there); a plain call in eager mode would pay for the
+    disabling on every call, so only compiled code goes through here."""
+    fn()
 
 
 def layer_seed(seed: int, name: str) -> int:
@@ -312,6 +329,18 @@ class SlimLinear(nn.Module):
         return self.experts(x, w, idx, A=ew.A, B=ew.B, base=base, dispatch="sparse")
 
     def _eval_weights(self) -> EvalWeights:
+        """The cached ``EvalWeights``, rebuilt when any of their sources changed. Under torch.compile the cache is
+        used as it is (a compiled graph cannot compare data pointers or version counters without breaking): it is
+        dropped on a switch between training and eval mode, ``.to()`` / casts and ``load_state_dict``, and checked
+        again by every eager call (the prompt of a compiled ``generate`` is one), so that only adapter weights edited
+        in place in eval mode and then run compiled without an eager call in between would be missed."""
+        if torch.compiler.is_compiling():
+            if self._eval_cache is None:
+                _run_eagerly(self._build_eval_cache)  # a graph break, once per dropped cache (see SlimModel.forward)
+            return self._eval_cache[1]
+        return self._build_eval_cache()
+
+    def _build_eval_cache(self) -> EvalWeights:
         cfg, ex, cl = self.config, self.experts, self.clusters
         # read on every inference call of every layer (flat lists: cheaper than a generator). Through getattr, not the
         # registries: FSDP (use_orig_params=False) swaps parameters for plain tensor attributes
@@ -344,7 +373,15 @@ class SlimLinear(nn.Module):
         return ew
 
     def _merged_weight(self) -> torch.Tensor:
-        """(o, i) W + (alpha/r) B A in the base weight's dtype, cached until the adapter or the base weight change."""
+        """(o, i) W + (alpha/r) B A in the base weight's dtype, cached until the adapter or the base weight change
+        (under torch.compile used as it is, as ``_eval_weights``)."""
+        if torch.compiler.is_compiling():
+            if self._merged_cache is None:
+                _run_eagerly(self._build_merged_weight)  # a graph break, once per dropped cache
+            return self._merged_cache[2]
+        return self._build_merged_weight()
+
+    def _build_merged_weight(self) -> torch.Tensor:
         ew, w = self._eval_weights(), self.base_layer.weight
         key = (w._version, w.data_ptr(), w.dtype)
         if self._merged_cache is None or self._merged_cache[0] is not ew or self._merged_cache[1] != key:
@@ -438,8 +475,25 @@ class SlimLinear(nn.Module):
 
     @staticmethod
     def _forget_init_flag(module: SlimLinear, incompatible_keys: object) -> None:
-        """After loading a state dict: ``clusters.initialized`` may have changed in place; read it again."""
+        """After loading a state dict: ``clusters.initialized`` and the weights may have changed in place; read the
+        flag again and rebuild the inference caches."""
         module._init_seen = None
+        module.drop_inference_cache()
+
+    def drop_inference_cache(self) -> None:
+        """Forget the cached inference weights (``_eval_weights``, merged weight, fixed masks): the next inference call
+        rebuilds them. Eager calls notice changed weights themselves; a compiled model needs this after adapter
+        weights were edited in place in eval mode (``SlimModel.drop_inference_cache`` does it for every layer)."""
+        self._eval_cache = self._merged_cache = self._mask_cache = None
+
+    def train(self, mode: bool = True) -> SlimLinear:
+        if mode != self.training:  # training changes the weights the eval caches were built from
+            self.drop_inference_cache()
+        return super().train(mode)
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 -- nn.Module's signature
+        self.drop_inference_cache()  # .to(device / dtype): the caches hold the old tensors
+        return super()._apply(fn, recurse)
 
     def _clusters_initialized(self) -> bool:
         """``clusters.initialized`` as a Python bool, read from the tensor only when it changed (no per-step sync)."""
@@ -453,6 +507,26 @@ class SlimLinear(nn.Module):
         if seen is None or seen[0] != flag._version or seen[1] is not flag:
             self._init_seen = seen = (flag._version, flag, bool(flag))
         return seen[2]
+
+    def _needs_eager_prep(self) -> bool:
+        """Whether a compiled forward would break inside this layer on what ``_eager_prep`` reads in Python."""
+        if self._init_seen is None:
+            return True
+        if self.training or not self._fast_eval():
+            return False
+        return self._eval_cache is None or (self.config.merged_inference and self._merged_cache is None
+                                            and isinstance(self.base_layer, nn.Linear))
+
+    def _eager_prep(self) -> None:
+        """Reads the clusters' flag and, in inference, builds the eval caches, outside any compiled graph."""
+        _run_eagerly(self._prep)
+
+    def _prep(self) -> None:
+        self._clusters_initialized()
+        if not self.training and self._fast_eval():
+            self._build_eval_cache()
+            if self.config.merged_inference and isinstance(self.base_layer, nn.Linear):
+                self._build_merged_weight()
 
     def _pooled_score(self, agg: torch.Tensor, k: torch.Tensor, lead: torch.Size, valid: torch.Tensor | None,
                       just_initialized: bool, u: torch.Tensor | None = None) -> torch.Tensor:

@@ -206,8 +206,9 @@ class AdaptedModel(ModelWrapper):
         # the KV cache is ``past_key_values`` up to transformers 5.23 and ``cache`` from 5.24 on
         cache = next((c for c in (kwargs.get("past_key_values"), kwargs.get("cache")) if hasattr(c, "get_seq_length")),
                      None)
+        # an int, or a 0-dim tensor for a static cache: converted only where a layer reads ctx.past_length
         past = cache.get_seq_length() if cache is not None else 0
-        self.ctx.reset(kwargs.get("attention_mask"), past_length=int(past))
+        self.ctx.reset(kwargs.get("attention_mask"), past_length=past)
 
     def forward(self, *args: Any, labels: Any = None, **kwargs: Any) -> Any:
         out = super().forward(*args, labels=labels, **kwargs)
@@ -340,16 +341,16 @@ class SlimModel(AdaptedModel):
             self._scoring_pass(module, args, kwargs, layers)
 
     def forward(self, *args: Any, labels: Any = None, **kwargs: Any) -> Any:
-        if self.training and torch.compiler.is_compiling() and any(
-                layer._init_seen is None for layer in self._layer_objects()):
+        if torch.compiler.is_compiling() and any(layer._needs_eager_prep() for layer in self._layer_objects()):
             # torch.compile, while some layer's "clusters fitted" flag is not known in Python (a fresh or just loaded
-            # model): reading it reads a tensor's value, a graph break, and the layers that fit their clusters break
-            # again. Broken inside the layers, this frame and every frame under it would be split at their calls,
-            # and that fragmented code would keep running every step after. Read here instead, the flags guard this
-            # frame: the next call recompiles it whole, as one graph, with every flag a known Python value
+            # model), or, in inference, its cached eval weights are missing (a fresh model, or just switched to eval
+            # mode): reading the flag reads a tensor's value and the cache is built from keys a graph cannot
+            # compare, both graph breaks. Broken inside the layers, this frame and every frame under it would be
+            # split at their calls, and that fragmented code would keep running every call after. Checked here
+            # instead, they guard this frame: the next call recompiles it whole, as one graph
             torch._dynamo.graph_break()
             for layer in self._layer_objects():
-                layer._clusters_initialized()
+                layer._eager_prep()
         return super().forward(*args, labels=labels, **kwargs)
 
     def _layer_objects(self) -> list[SlimLinear]:
@@ -401,7 +402,7 @@ class SlimModel(AdaptedModel):
             ctx.phase, ctx.score_lead = "route", None
             for m, mode in modes:
                 m.training = mode
-        ctx.reset(ctx.attention_mask, ctx.past_length)
+        ctx.reset(ctx.attention_mask, ctx.past)
         if d is None:  # no layer scored (no identity experts): nothing to yield
             d = torch.zeros(b * t, device=ids.device)
         ctx.fixed_score, ctx.fixed_u = d, u
@@ -428,6 +429,14 @@ class SlimModel(AdaptedModel):
             total = total + self.slim_config.l1_weight * l1
             self._last_aux["l1"] = l1.detach()
         return total
+
+    def drop_inference_cache(self) -> None:
+        """Make every SLIM layer rebuild its cached inference weights on its next call. Needed only when adapter
+        weights were edited in place in eval mode and the model then runs under torch.compile with no eager call in
+        between: eager calls notice such edits themselves, and switching between train and eval mode, ``.to()``
+        and ``load_state_dict`` drop the caches already."""
+        for layer in self._layer_objects():
+            layer.drop_inference_cache()
 
     def slim_layers(self) -> dict[str, SlimLinear]:
         return self.adapter_layers()

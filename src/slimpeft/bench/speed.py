@@ -20,7 +20,11 @@ Every measurement runs on the CPU (the default) or on a CUDA GPU (``--device cud
 ``torch.cuda.synchronize()``, peak memory is ``torch.cuda.max_memory_allocated``, and the layer benchmark also
 times SLIM's dense and sparse expert dispatch, the two paths ``experts.auto_dispatch`` chooses between).
 
-Run: ``slim bench speed [--quick] [--json] [--device cuda]`` (all four) or ``slim bench layer`` (the first two).
+With ``--torch-compile BACKEND`` the training step (SLIM, LoRA) and generation (base, LoRA, SLIM; a static KV cache,
+each decoding step compiled by ``generate``) are also timed under torch.compile, eager and compiled side by side.
+
+Run: ``slim bench speed [--quick] [--json] [--device cuda] [--torch-compile inductor]`` (all four) or
+``slim bench layer`` (the first two).
 """
 
 from __future__ import annotations
@@ -30,8 +34,10 @@ import os
 import platform
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -460,6 +466,67 @@ def _warm_clusters(model: torch.nn.Module, args: ModelBenchArgs) -> None:
     model.eval()
 
 
+def _generation(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int, **generate_kw: Any
+                ) -> Callable[[], None]:
+    """Greedy generation of exactly ``new_tokens`` tokens after ``prompt`` (b, t), without gradient, as a callable."""
+    def run() -> None:
+        with torch.no_grad():
+            model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                           max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0, **generate_kw)
+    return run
+
+
+def generation_compile_config(backend: str, device: str) -> Any:
+    """transformers' ``CompileConfig`` of the compiled generation measurement: ``backend``; CUDA graphs
+    ("reduce-overhead", transformers' default) on a GPU with inductor, else "default"; allowed on the CPU too
+    (transformers compiles by itself only on accelerators)."""
+    from transformers.generation.configuration_utils import CompileConfig
+
+    cuda_graphs = torch.device(device).type == "cuda" and backend == "inductor"
+    cc = CompileConfig(backend=backend, mode="reduce-overhead" if cuda_graphs else "default")
+    cc._compile_all_devices = True
+    return cc
+
+
+def infer_compile_benchmark(args: ModelBenchArgs, backend: str = "inductor",
+                            names: tuple[str, ...] = ("base", "lora", "slim")) -> dict[str, dict[str, float]]:
+    """Greedy generation on the shipped base per method and batch size, eager (the dynamic KV cache, as
+    ``infer_benchmark``) and compiled -- a static KV cache and a compile config, with which ``generate`` compiles
+    each decoding step (what it does by itself on a GPU; the prompt runs eagerly) -- all timed round-robin in one
+    process: ``{name}`` and ``{name}-compiled`` records; compiled ones also hold the seconds of their first call per
+    batch size (compilation included) and the compile mode."""
+    import time
+
+    models = {n: build_method(n, args.base, args.seed, device=args.device) for n in names}
+    for m in models.values():
+        _warm_clusters(m, args)
+    cc = generation_compile_config(backend, args.device)
+    vocab = next(iter(models.values())).config.vocab_size
+    sync = device_sync(args.device)
+    out: dict[str, dict[str, Any]] = {}
+    for b in args.infer_batches:
+        g = torch.Generator().manual_seed(args.seed + b)
+        prompt = torch.randint(3, vocab, (b, args.prompt_len), generator=g).to(args.device)  # (b, t)
+        runs = {}
+        for n, m in models.items():
+            runs[n] = _generation(m, prompt, args.new_tokens)
+            key = f"{n}-compiled"
+            runs[key] = _generation(m, prompt, args.new_tokens, cache_implementation="static", compile_config=cc)
+            t0 = time.perf_counter()
+            runs[key]()
+            if sync is not None:
+                sync()
+            out.setdefault(key, {"backend": backend, "mode": cc.mode})[f"batch{b}_first_call_s"] = (
+                time.perf_counter() - t0)
+        rounds = interleaved_times(runs, reps=args.reps, warmup=_warmup(args.device), sync=sync)
+        t = medians(rounds)
+        for k in runs:
+            rec = out.setdefault(k, {})
+            rec[f"batch{b}_s"], rec[f"batch{b}_rounds_s"] = t[k], rounds[k]
+            rec[f"batch{b}_tokens_per_s"] = b * args.new_tokens / t[k]
+    return out
+
+
 def infer_benchmark(args: ModelBenchArgs, names: tuple[str, ...] = INFER_METHODS, *, wide: bool = False
                     ) -> dict[str, dict[str, float]]:
     """Greedy generation tokens/s (KV cache, eval mode, no gradient) per method and batch size, round-robin; on the
@@ -474,15 +541,8 @@ def infer_benchmark(args: ModelBenchArgs, names: tuple[str, ...] = INFER_METHODS
         g = torch.Generator().manual_seed(args.seed + b)
         prompt = torch.randint(3, vocab, (b, args.prompt_len), generator=g).to(args.device)  # (b, t)
 
-        def gen(model: torch.nn.Module, prompt: torch.Tensor = prompt):
-            def run() -> None:
-                with torch.no_grad():
-                    model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
-                                   max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, pad_token_id=0)
-            return run
-
-        rounds = interleaved_times({n: gen(m) for n, m in models.items()}, reps=args.reps,
-                                   warmup=_warmup(args.device), sync=device_sync(args.device))
+        rounds = interleaved_times({n: _generation(m, prompt, args.new_tokens) for n, m in models.items()},
+                                   reps=args.reps, warmup=_warmup(args.device), sync=device_sync(args.device))
         t = medians(rounds)
         for n in names:
             out[n][f"batch{b}_s"] = t[n]
@@ -514,7 +574,8 @@ def run_speed_bench(quick: bool = False, out: Path | None = None, base: str = "a
     """All four measurements in one run on ``device``; returns (and writes to ``out``) one record whose top level
     holds every ratio, the targets met or not, and the measurements behind them. The keyword arguments override the
     shapes (tests use tiny ones); ``model_args.device``, when given, wins over ``device``. ``compile_backend``: also
-    SLIM's and LoRA's training step under torch.compile (``train_compile_benchmark``; minutes of compilation)."""
+    SLIM's and LoRA's training step and the base's, LoRA's and SLIM's generation under torch.compile
+    (``train_compile_benchmark``, ``infer_compile_benchmark``; minutes of compilation)."""
     import time
 
     t0 = time.perf_counter()
@@ -536,6 +597,7 @@ def run_speed_bench(quick: bool = False, out: Path | None = None, base: str = "a
         train[n].update(peak_step_memory(n, margs))
     infer = infer_benchmark(margs)
     infer_wide = infer_benchmark(margs, wide=True) if margs.wide_layers > 0 else None
+    infer_compiled = infer_compile_benchmark(margs, compile_backend) if compile_backend else None
 
     ratios = {
         "layer_slim_over_base": layer["slim_over_base"],
@@ -550,6 +612,18 @@ def run_speed_bench(quick: bool = False, out: Path | None = None, base: str = "a
         ratios["train_compiled_slim_over_lora_tokens_per_s"] = tc["slim-compiled"] / tc["lora-compiled"]
         ratios["train_compiled_slim_speedup"] = tc["slim-compiled"] / tc["slim"]
         ratios["train_compiled_lora_speedup"] = tc["lora-compiled"] / tc["lora"]
+    if infer_compiled is not None:  # informative, no target; the worse batch size, as the eager headline
+        ic = infer_compiled
+
+        def worst(num: str, den: str) -> float:
+            return min(ic[num][f"batch{b}_tokens_per_s"] / ic[den][f"batch{b}_tokens_per_s"]
+                       for b in margs.infer_batches)
+
+        ratios["infer_compiled_slim_over_base_tokens_per_s"] = worst("slim-compiled", "base-compiled")
+        ratios["infer_compiled_slim_over_lora_tokens_per_s"] = worst("slim-compiled", "lora-compiled")
+        ratios["infer_compiled_slim_over_eager_base_tokens_per_s"] = worst("slim-compiled", "base")
+        ratios["infer_compiled_slim_speedup"] = worst("slim-compiled", "slim")
+        ratios["infer_compiled_base_speedup"] = worst("base-compiled", "base")
     if "ops_per_step" in train["slim"]:
         ratios["train_ops_slim_over_lora"] = train["slim"]["ops_per_step"] / train["lora"]["ops_per_step"]
     if layer_bf16 is not None:
@@ -590,6 +664,7 @@ def run_speed_bench(quick: bool = False, out: Path | None = None, base: str = "a
         **({"train_compiled": train_compiled} if train_compiled is not None else {}),
         "infer": infer,
         **({"infer_wide": infer_wide} if infer_wide is not None else {}),
+        **({"infer_compiled": infer_compiled} if infer_compiled is not None else {}),
         "meta": {"quick": quick, "layer_shape": asdict(shape), "model": asdict(margs), "wide_shape": WIDE_SHAPE,
                  "threads": torch.get_num_threads(), "torch": torch.__version__,
                  "cpu": platform.processor() or platform.machine(), "device": device_name(dev),
@@ -691,6 +766,24 @@ def print_speed_tables(result: dict) -> None:
             for b in batches:
                 row += [f"{rec[f'batch{b}_tokens_per_s']:.0f}",
                         f"{rec[f'batch{b}_tokens_per_s'] / inf['base'][f'batch{b}_tokens_per_s']:.3f}"]
+            t.add_row(*row)
+        con.print(t)
+    if "infer_compiled" in result:
+        ic = result["infer_compiled"]
+        t = Table(title="greedy generation on the shipped base, eager (dynamic KV cache) and compiled (static KV "
+                        "cache, each decoding step compiled; timed round-robin; tokens/s, medians)")
+        t.add_column("method")
+        for b in batches:
+            for col in (f"batch {b}", "/ base (same mode)", "/ eager", "first call s"):
+                t.add_column(col, justify="right")
+        for k, rec in ic.items():
+            n, compiled = k.removesuffix("-compiled"), k.endswith("-compiled")
+            row, base = [f"{k} ({rec['backend']}, {rec['mode']})" if compiled else k], ic[k.replace(n, "base", 1)]
+            for b in batches:
+                tps = rec[f"batch{b}_tokens_per_s"]
+                row += [f"{tps:.0f}", f"{tps / base[f'batch{b}_tokens_per_s']:.3f}",
+                        f"{tps / ic[n][f'batch{b}_tokens_per_s']:.3f}",
+                        f"{rec[f'batch{b}_first_call_s']:.1f}" if compiled else "-"]
             t.add_row(*row)
         con.print(t)
     t = Table(title="issue-6 targets (ratios of this run's medians; per round: the ratio within each timing round, "
