@@ -276,11 +276,13 @@ def test_compiled_inference_sees_loaded_and_dropped_weights():
         torch.testing.assert_close(f(**inputs).logits, model(**inputs).logits, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["paper", "single", "causal-max"])
+@pytest.mark.parametrize("name", list(SLIM_CONFIGS))
 def test_compiled_generate_with_a_static_cache_is_one_graph(name):
     """HF generate with a static KV cache and a compile config (what it does by itself on a GPU) compiles each
     decoding step of SLIM to one graph: no graph break, nothing recompiled by a second generate call, and the same
-    tokens as eager generation with the dynamic cache."""
+    tokens as eager generation with the dynamic cache. ood_source "prepass" (recommended, single) breaks once per
+    step: whether a call continues a prompt (reuse its score) or is one (run the scoring pass) depends on the
+    static cache's length, a tensor."""
     from transformers.generation.configuration_utils import CompileConfig
 
     model = _trained(name)
@@ -297,7 +299,11 @@ def test_compiled_generate_with_a_static_cache_is_one_graph(name):
         graphs = counters["stats"]["unique_graphs"]
         again = model.generate(**kw, cache_implementation="static", compile_config=cc)
     assert torch.equal(out, ref) and torch.equal(again, ref)
-    assert _breaks() == 0 and graphs >= 1
+    assert graphs >= 1
+    if SLIM_CONFIGS[name].get("ood_source") == "prepass":  # only the read of the cache's length breaks
+        assert 0 < _breaks() <= 2 and all("Tensor.item()" in k for k in counters["graph_break"])
+    else:
+        assert _breaks() == 0
     assert counters["stats"]["unique_graphs"] == graphs  # the second call reused the compiled step
 
 
@@ -322,3 +328,25 @@ def test_speed_bench_times_compiled_generation():
             assert (f"batch{b}_first_call_s" in r) == k.endswith("-compiled")
         assert r.get("backend", "aot_eager") == "aot_eager" and r.get("mode", "default") == "default"
     assert counters["stats"]["unique_graphs"] >= 3 and _breaks() == 0  # every model compiled, none broke
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_inductor_generation_matches_eager(device, monkeypatch):
+    """The generated code of compiled generation (inductor; on a GPU with CUDA graphs, transformers' default mode):
+    the same tokens as eager generation, logits equal to float rounding, no graph break."""
+    from slimpeft.bench.speed import generation_compile_config
+
+    if device == "cuda":
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    model = _trained("paper").to(device)
+    prompt = IDS[1:3, :6].to(device)
+    kw = dict(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=5,
+              min_new_tokens=5, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad():
+        ref = model.generate(**kw)
+        out = model.generate(**kw, cache_implementation="static",
+                             compile_config=generation_compile_config("inductor", device))
+    assert torch.equal(out.sequences, ref.sequences) and _breaks() == 0
+    torch.testing.assert_close(torch.stack(out.logits), torch.stack(ref.logits), rtol=1e-4, atol=1e-4)

@@ -269,6 +269,8 @@ def test_generate_with_kv_cache_runs_through_the_adapter(ids):
     assert torch.equal(out, model.generate(**kw))
     # causal pooling with a KV cache routes every new token as recomputing the whole sequence does
     assert torch.equal(out, model.generate(**kw, use_cache=False))
+    # a static cache reports its length as a tensor: the steps pool on the device, with the same tokens
+    assert torch.equal(out, model.generate(**kw, cache_implementation="static"))
 
 
 @pytest.mark.parametrize("pooling", ["causal", "sequence"])

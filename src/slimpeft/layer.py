@@ -542,18 +542,27 @@ class SlimLinear(nn.Module):
         if cfg.ood_score == "standardized" and self.training:
             if just_initialized:  # the routing-level spread must exist before the first score is taken
                 cl.update_pool_stats(seq, first=True)
-        total = self.ctx.past_length + t  # length of the whole sequence so far (KV cache + these t tokens)
+        past = self.ctx.past  # tokens in the KV cache before these: an int, or a 0-dim tensor (a static cache)
+        total = past + t  # length of the whole sequence so far (KV cache + these t tokens)
         S, N = (U * V).cumsum(1), V.cumsum(1)  # (b, t) running sums and counts of real tokens
+        fresh = seq[:, None].expand(b, t) if cfg.ood_pooling == "sequence" else S / N.clamp_min(1.0)  # (b, t)
         state = self._pool_state
-        if self.ctx.past_length > 0 and state is not None and state[2] == total - t and state[0].shape[0] == b:
-            # a KV-cache step of generation: the new tokens continue the sequence the earlier calls saw, so they
-            # pool with it (prefix mean over everything so far) instead of only with themselves
-            S, N = S + state[0][:, None], N + state[1][:, None]
-            pooled = S / N.clamp_min(1.0)  # (b, t)
-        elif cfg.ood_pooling == "sequence":
-            pooled = seq[:, None].expand(b, t)  # (b, t)
+        # a KV-cache step of generation: the new tokens continue the sequence the earlier calls saw, so they pool
+        # with it (prefix mean over everything so far) instead of only with themselves
+        go_on = state is not None and state[0].shape[0] == b and (torch.is_tensor(past) or past > 0)
+        if go_on:
+            S_on, N_on = S + state[0][:, None], N + state[1][:, None]
+            cont = (past > 0) & (state[2] == past)  # a Python bool, or a 0-dim tensor with a static cache
+            if torch.is_tensor(cont):  # chosen on the device: no host read (a sync, a graph break under compile)
+                S, N = torch.where(cont, S_on, S), torch.where(cont, N_on, N)
+                pooled = torch.where(cont, S / N.clamp_min(1.0), fresh)
+            elif cont:
+                S, N = S_on, N_on
+                pooled = S / N.clamp_min(1.0)  # (b, t)
+            else:
+                pooled = fresh
         else:
-            pooled = S / N.clamp_min(1.0)  # (b, t) prefix means
+            pooled = fresh
         # what a following KV-cache step continues from (inference only; training never generates)
         self._pool_state = None if self.training else (S[:, -1], N[:, -1], total)
         d = cl.pooled_score(pooled) if cfg.ood_score == "standardized" else pooled

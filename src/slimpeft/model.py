@@ -206,8 +206,10 @@ class AdaptedModel(ModelWrapper):
         # the KV cache is ``past_key_values`` up to transformers 5.23 and ``cache`` from 5.24 on
         cache = next((c for c in (kwargs.get("past_key_values"), kwargs.get("cache")) if hasattr(c, "get_seq_length")),
                      None)
-        # an int, or a 0-dim tensor for a static cache: converted only where a layer reads ctx.past_length
+        # an int, or a 0-dim tensor for a static cache: converted only where a layer reads ctx.past_length. Copied:
+        # a static cache's counter grows in place while the attention layers of this very pass write to the cache
         past = cache.get_seq_length() if cache is not None else 0
+        past = past.clone() if torch.is_tensor(past) else past
         self.ctx.reset(kwargs.get("attention_mask"), past_length=past)
 
     def forward(self, *args: Any, labels: Any = None, **kwargs: Any) -> Any:
