@@ -326,6 +326,7 @@ def test_speed_bench_times_compiled_generation():
             assert r[f"batch{b}_tokens_per_s"] == pytest.approx(b * 3 / r[f"batch{b}_s"])
             assert len(r[f"batch{b}_rounds_s"]) == 2
             assert (f"batch{b}_first_call_s" in r) == k.endswith("-compiled")
+            assert r.get(f"batch{b}_new_graphs", 1) >= 1  # each model at each batch size compiled its own step
         assert r.get("backend", "aot_eager") == "aot_eager" and r.get("mode", "default") == "default"
     assert counters["stats"]["unique_graphs"] >= 3 and _breaks() == 0  # every model compiled, none broke
 

@@ -494,8 +494,20 @@ def infer_compile_benchmark(args: ModelBenchArgs, backend: str = "inductor",
     ``infer_benchmark``) and compiled -- a static KV cache and a compile config, with which ``generate`` compiles
     each decoding step (what it does by itself on a GPU; the prompt runs eagerly) -- all timed round-robin in one
     process: ``{name}`` and ``{name}-compiled`` records; compiled ones also hold the seconds of their first call per
-    batch size (compilation included) and the compile mode."""
+    batch size (compilation included), the graphs that call compiled, and the compile mode. Every model's compiled
+    call shares one code object (``nn.Module``'s call), whose recompile limit (8) the models and batch sizes would
+    exhaust -- dynamo then runs the rest eagerly, silently -- so the limit is raised for this measurement."""
+    import torch._dynamo
+
+    with torch._dynamo.config.patch(recompile_limit=max(64, torch._dynamo.config.recompile_limit)):
+        return _infer_compile_benchmark(args, backend, names)
+
+
+def _infer_compile_benchmark(args: ModelBenchArgs, backend: str, names: tuple[str, ...]
+                             ) -> dict[str, dict[str, float]]:
     import time
+
+    from torch._dynamo.utils import counters
 
     models = {n: build_method(n, args.base, args.seed, device=args.device) for n in names}
     for m in models.values():
@@ -512,12 +524,13 @@ def infer_compile_benchmark(args: ModelBenchArgs, backend: str = "inductor",
             runs[n] = _generation(m, prompt, args.new_tokens)
             key = f"{n}-compiled"
             runs[key] = _generation(m, prompt, args.new_tokens, cache_implementation="static", compile_config=cc)
-            t0 = time.perf_counter()
+            graphs, t0 = counters["stats"]["unique_graphs"], time.perf_counter()
             runs[key]()
             if sync is not None:
                 sync()
-            out.setdefault(key, {"backend": backend, "mode": cc.mode})[f"batch{b}_first_call_s"] = (
-                time.perf_counter() - t0)
+            rec = out.setdefault(key, {"backend": backend, "mode": cc.mode})
+            rec[f"batch{b}_first_call_s"] = time.perf_counter() - t0
+            rec[f"batch{b}_new_graphs"] = counters["stats"]["unique_graphs"] - graphs
         rounds = interleaved_times(runs, reps=args.reps, warmup=_warmup(args.device), sync=sync)
         t = medians(rounds)
         for k in runs:
