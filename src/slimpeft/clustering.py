@@ -293,7 +293,8 @@ class SlidingClusters(nn.Module):
         return (z - self.config.threshold_std).clamp_min(0.0)
 
     # ----------------------------------------------------------------- training-time updates
-    @torch.no_grad()
+    @torch.compiler.disable  # once per layer, with a seeded generator: eager (traced, every layer's seed would
+    @torch.no_grad()           # recompile it, past dynamo's recompile limit)
     def initialize(self, x: torch.Tensor) -> None:
         """Centres := c tokens of the first batch (seeded draw), variances := the batch's channel variances.
 
