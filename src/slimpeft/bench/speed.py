@@ -489,8 +489,10 @@ def generation_compile_config(backend: str, device: str) -> Any:
 
 
 def infer_compile_benchmark(args: ModelBenchArgs, backend: str = "inductor",
-                            names: tuple[str, ...] = ("base", "lora", "slim")) -> dict[str, dict[str, float]]:
-    """Greedy generation on the shipped base per method and batch size, eager (the dynamic KV cache, as
+                            names: tuple[str, ...] = ("base", "lora", "slim"), *, wide: bool = False
+                            ) -> dict[str, dict[str, float]]:
+    """Greedy generation on the shipped base (``wide``: on ``wide_base(args.wide_layers)``) per method and batch
+    size, eager (the dynamic KV cache, as
     ``infer_benchmark``) and compiled -- a static KV cache and a compile config, with which ``generate`` compiles
     each decoding step (what it does by itself on a GPU; the prompt runs eagerly) -- all timed round-robin in one
     process: ``{name}`` and ``{name}-compiled`` records; compiled ones also hold the seconds of their first call per
@@ -500,16 +502,17 @@ def infer_compile_benchmark(args: ModelBenchArgs, backend: str = "inductor",
     import torch._dynamo
 
     with torch._dynamo.config.patch(recompile_limit=max(64, torch._dynamo.config.recompile_limit)):
-        return _infer_compile_benchmark(args, backend, names)
+        return _infer_compile_benchmark(args, backend, names, wide)
 
 
-def _infer_compile_benchmark(args: ModelBenchArgs, backend: str, names: tuple[str, ...]
+def _infer_compile_benchmark(args: ModelBenchArgs, backend: str, names: tuple[str, ...], wide: bool
                              ) -> dict[str, dict[str, float]]:
     import time
 
     from torch._dynamo.utils import counters
 
-    models = {n: build_method(n, args.base, args.seed, device=args.device) for n in names}
+    models = {n: build_method(n, args.base, args.seed, wide_layers=args.wide_layers if wide else 0,
+                              device=args.device) for n in names}
     for m in models.values():
         _warm_clusters(m, args)
     cc = generation_compile_config(backend, args.device)
@@ -611,6 +614,8 @@ def run_speed_bench(quick: bool = False, out: Path | None = None, base: str = "a
     infer = infer_benchmark(margs)
     infer_wide = infer_benchmark(margs, wide=True) if margs.wide_layers > 0 else None
     infer_compiled = infer_compile_benchmark(margs, compile_backend) if compile_backend else None
+    infer_wide_compiled = (infer_compile_benchmark(margs, compile_backend, wide=True)
+                           if compile_backend and margs.wide_layers > 0 else None)
 
     ratios = {
         "layer_slim_over_base": layer["slim_over_base"],
@@ -625,18 +630,19 @@ def run_speed_bench(quick: bool = False, out: Path | None = None, base: str = "a
         ratios["train_compiled_slim_over_lora_tokens_per_s"] = tc["slim-compiled"] / tc["lora-compiled"]
         ratios["train_compiled_slim_speedup"] = tc["slim-compiled"] / tc["slim"]
         ratios["train_compiled_lora_speedup"] = tc["lora-compiled"] / tc["lora"]
-    if infer_compiled is not None:  # informative, no target; the worse batch size, as the eager headline
-        ic = infer_compiled
+    for prefix, ic in (("infer", infer_compiled), ("infer_wide", infer_wide_compiled)):
+        if ic is None:  # compiled generation: informative, no target; the worse batch size, as the eager headline
+            continue
 
-        def worst(num: str, den: str) -> float:
+        def worst(num: str, den: str, ic: dict = ic) -> float:
             return min(ic[num][f"batch{b}_tokens_per_s"] / ic[den][f"batch{b}_tokens_per_s"]
                        for b in margs.infer_batches)
 
-        ratios["infer_compiled_slim_over_base_tokens_per_s"] = worst("slim-compiled", "base-compiled")
-        ratios["infer_compiled_slim_over_lora_tokens_per_s"] = worst("slim-compiled", "lora-compiled")
-        ratios["infer_compiled_slim_over_eager_base_tokens_per_s"] = worst("slim-compiled", "base")
-        ratios["infer_compiled_slim_speedup"] = worst("slim-compiled", "slim")
-        ratios["infer_compiled_base_speedup"] = worst("base-compiled", "base")
+        ratios[f"{prefix}_compiled_slim_over_base_tokens_per_s"] = worst("slim-compiled", "base-compiled")
+        ratios[f"{prefix}_compiled_slim_over_lora_tokens_per_s"] = worst("slim-compiled", "lora-compiled")
+        ratios[f"{prefix}_compiled_slim_over_eager_base_tokens_per_s"] = worst("slim-compiled", "base")
+        ratios[f"{prefix}_compiled_slim_speedup"] = worst("slim-compiled", "slim")
+        ratios[f"{prefix}_compiled_base_speedup"] = worst("base-compiled", "base")
     if "ops_per_step" in train["slim"]:
         ratios["train_ops_slim_over_lora"] = train["slim"]["ops_per_step"] / train["lora"]["ops_per_step"]
     if layer_bf16 is not None:
@@ -678,6 +684,7 @@ def run_speed_bench(quick: bool = False, out: Path | None = None, base: str = "a
         "infer": infer,
         **({"infer_wide": infer_wide} if infer_wide is not None else {}),
         **({"infer_compiled": infer_compiled} if infer_compiled is not None else {}),
+        **({"infer_wide_compiled": infer_wide_compiled} if infer_wide_compiled is not None else {}),
         "meta": {"quick": quick, "layer_shape": asdict(shape), "model": asdict(margs), "wide_shape": WIDE_SHAPE,
                  "threads": torch.get_num_threads(), "torch": torch.__version__,
                  "cpu": platform.processor() or platform.machine(), "device": device_name(dev),
@@ -781,10 +788,12 @@ def print_speed_tables(result: dict) -> None:
                         f"{rec[f'batch{b}_tokens_per_s'] / inf['base'][f'batch{b}_tokens_per_s']:.3f}"]
             t.add_row(*row)
         con.print(t)
-    if "infer_compiled" in result:
-        ic = result["infer_compiled"]
-        t = Table(title="greedy generation on the shipped base, eager (dynamic KV cache) and compiled (static KV "
-                        "cache, each decoding step compiled; timed round-robin; tokens/s, medians)")
+    for key, what in (("infer_compiled", "the shipped base"), ("infer_wide_compiled", wide)):
+        if key not in result:
+            continue
+        ic = result[key]
+        t = Table(title=f"greedy generation on {what}, eager (dynamic KV cache) and compiled (static KV cache, each "
+                        "decoding step compiled; timed round-robin; tokens/s, medians)")
         t.add_column("method")
         for b in batches:
             for col in (f"batch {b}", "/ base (same mode)", "/ eager", "first call s"):
