@@ -792,20 +792,21 @@ def print_speed_tables(result: dict) -> None:
         if key not in result:
             continue
         ic = result[key]
-        t = Table(title=f"greedy generation on {what}, eager (dynamic KV cache) and compiled (static KV cache, each "
-                        "decoding step compiled; timed round-robin; tokens/s, medians)")
+        cc = next(rec for k, rec in ic.items() if k.endswith("-compiled"))
+        t = Table(title=f"greedy generation on {what}, eager (dynamic KV cache) and compiled ({cc['backend']}, mode "
+                        f"{cc['mode']}, static KV cache, each decoding step compiled; timed round-robin; tokens/s, "
+                        "medians; the first compiled calls' seconds are in the record)")
         t.add_column("method")
         for b in batches:
-            for col in (f"batch {b}", "/ base (same mode)", "/ eager", "first call s"):
+            for col in (f"batch {b}", "/ base", "/ eager"):
                 t.add_column(col, justify="right")
         for k, rec in ic.items():
-            n, compiled = k.removesuffix("-compiled"), k.endswith("-compiled")
-            row, base = [f"{k} ({rec['backend']}, {rec['mode']})" if compiled else k], ic[k.replace(n, "base", 1)]
+            n = k.removesuffix("-compiled")
+            row, base = [k], ic[k.replace(n, "base", 1)]
             for b in batches:
                 tps = rec[f"batch{b}_tokens_per_s"]
                 row += [f"{tps:.0f}", f"{tps / base[f'batch{b}_tokens_per_s']:.3f}",
-                        f"{tps / ic[n][f'batch{b}_tokens_per_s']:.3f}",
-                        f"{rec[f'batch{b}_first_call_s']:.1f}" if compiled else "-"]
+                        f"{tps / ic[n][f'batch{b}_tokens_per_s']:.3f}"]
             t.add_row(*row)
         con.print(t)
     t = Table(title="issue-6 targets (ratios of this run's medians; per round: the ratio within each timing round, "
