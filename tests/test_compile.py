@@ -331,6 +331,24 @@ def test_speed_bench_times_compiled_generation():
     assert counters["stats"]["unique_graphs"] >= 3 and _breaks() == 0  # every model compiled, none broke
 
 
+@pytest.mark.parametrize("name", ["lora", "mixlora", "loramoe", "mola"])
+def test_baselines_generate_compiled_without_breaks(name):
+    """The baselines under the same compiled static-cache generation: no break, eager's tokens."""
+    from slimpeft.bench.speed import generation_compile_config
+
+    model = methods.build(name, tiny_llama()).eval()
+    prompt = IDS[1:3, :6]
+    kw = dict(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=6,
+              min_new_tokens=6, pad_token_id=0)
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad():
+        ref = model.generate(**kw)
+        out = model.generate(**kw, cache_implementation="static",
+                             compile_config=generation_compile_config("aot_eager", "cpu"))
+    assert torch.equal(out, ref) and _breaks() == 0 and counters["stats"]["unique_graphs"] >= 1
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
 def test_inductor_generation_matches_eager(device, monkeypatch):
     """The generated code of compiled generation (inductor; on a GPU with CUDA graphs, transformers' default mode):
