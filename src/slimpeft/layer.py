@@ -158,6 +158,18 @@ def _run_eagerly(fn: Callable[[], object]) -> None:
     fn()
 
 
+def _static_address(*tensors: torch.Tensor | None) -> None:
+    """Tell torch.compile that the cached inference tensors, like parameters, keep their address between calls:
+    CUDA graphs (``mode="reduce-overhead"``) then read them in place instead of copying each into the graph's own
+    input buffers before every replay (one copy kernel per tensor and layer and step); a rebuilt cache (new tensors)
+    makes them re-record the graph (``torch._dynamo.mark_static_address`` without a guard). No effect eagerly."""
+    import torch._dynamo  # here, not at import: only a rebuilt cache needs it
+
+    for t in tensors:
+        if t is not None:
+            torch._dynamo.mark_static_address(t)
+
+
 def layer_seed(seed: int, name: str) -> int:
     """A stable per-layer seed (same across processes and runs) for init and the fixed inference masks."""
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**31 - 1)
@@ -369,6 +381,7 @@ class SlimLinear(nn.Module):
                 table = torch.cat([centers, cl.inv_sd(), (gamma * a)[:, None], (gamma * b)[:, None]], dim=1)
             ew = EvalWeights(W=W, bias=bias, n_centers=centers.shape[0], table=table, B_cat=stack_B(B) * ex.scaling,
                              A=A, B=B)
+            _static_address(ew.W, ew.bias, ew.table, ew.B_cat, ew.A, ew.B)
         self._eval_cache = (key, ew)
         return ew
 
@@ -388,6 +401,7 @@ class SlimLinear(nn.Module):
             with torch.no_grad(), autocast_off(w):
                 delta = (ew.A.reshape(-1, self.d_in).T @ ew.B_cat).T  # (o, i): sum_e B_e A_e, the scale in B_cat
                 self._merged_cache = (ew, key, (w.float() + delta.to(w.device)).to(w.dtype))
+                _static_address(self._merged_cache[2])
         return self._merged_cache[2]
 
     # ------------------------------------------------------------------------------------------ parts
