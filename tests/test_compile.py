@@ -226,6 +226,19 @@ def _train_eager(model: torch.nn.Module, steps: int) -> None:
     model.eval()
 
 
+def _generation_kw(**extra) -> dict:
+    """generate()'s arguments of the compiled generation tests: two prompts of 6 tokens, 6 greedy new tokens."""
+    prompt = IDS[1:3, :6]
+    return dict(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=6,
+                min_new_tokens=6, pad_token_id=0, **extra)
+
+
+def _static_compiled(model: torch.nn.Module, kw: dict, cc) -> torch.Tensor:  # noqa: ANN001 -- a CompileConfig
+    """generate() with a static KV cache and the compile config ``cc`` (each decoding step compiled)."""
+    with torch.no_grad():
+        return model.generate(**kw, cache_implementation="static", compile_config=cc)
+
+
 @pytest.mark.parametrize("name", list(SLIM_CONFIGS))
 def test_compiled_inference_is_one_graph_and_follows_training(name):
     """Eval mode under torch.compile: the first call builds the cached eval weights outside the graph, the second
@@ -283,21 +296,16 @@ def test_compiled_generate_with_a_static_cache_is_one_graph(name):
     tokens as eager generation with the dynamic cache. ood_source "prepass" (recommended, single) breaks once per
     step: whether a call continues a prompt (reuse its score) or is one (run the scoring pass) depends on the
     static cache's length, a tensor."""
-    from transformers.generation.configuration_utils import CompileConfig
+    from slimpeft.bench.speed import generation_compile_config
 
-    model = _trained(name)
-    cc = CompileConfig(backend="aot_eager", mode="default")
-    cc._compile_all_devices = True  # transformers compiles by itself only on accelerators
-    prompt = IDS[1:3, :6]
-    kw = dict(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=6,
-              min_new_tokens=6, pad_token_id=0)
+    model, kw, cc = _trained(name), _generation_kw(), generation_compile_config("aot_eager", "cpu")
     torch._dynamo.reset()
     counters.clear()
     with torch.no_grad():
         ref = model.generate(**kw)
-        out = model.generate(**kw, cache_implementation="static", compile_config=cc)
-        graphs = counters["stats"]["unique_graphs"]
-        again = model.generate(**kw, cache_implementation="static", compile_config=cc)
+    out = _static_compiled(model, kw, cc)
+    graphs = counters["stats"]["unique_graphs"]
+    again = _static_compiled(model, kw, cc)
     assert torch.equal(out, ref) and torch.equal(again, ref)
     assert graphs >= 1
     if SLIM_CONFIGS[name].get("ood_source") == "prepass":  # only the read of the cache's length breaks
@@ -336,16 +344,12 @@ def test_baselines_generate_compiled_without_breaks(name):
     """The baselines under the same compiled static-cache generation: no break, eager's tokens."""
     from slimpeft.bench.speed import generation_compile_config
 
-    model = methods.build(name, tiny_llama()).eval()
-    prompt = IDS[1:3, :6]
-    kw = dict(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=6,
-              min_new_tokens=6, pad_token_id=0)
+    model, kw = methods.build(name, tiny_llama()).eval(), _generation_kw()
     torch._dynamo.reset()
     counters.clear()
     with torch.no_grad():
         ref = model.generate(**kw)
-        out = model.generate(**kw, cache_implementation="static",
-                             compile_config=generation_compile_config("aot_eager", "cpu"))
+    out = _static_compiled(model, kw, generation_compile_config("aot_eager", "cpu"))
     assert torch.equal(out, ref) and _breaks() == 0 and counters["stats"]["unique_graphs"] >= 1
 
 
@@ -358,14 +362,12 @@ def test_inductor_generation_matches_eager(device, monkeypatch):
     if device == "cuda":
         monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     model = _trained("paper").to(device)
-    prompt = IDS[1:3, :6].to(device)
-    kw = dict(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=5,
-              min_new_tokens=5, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    kw = {k: v.to(device) if torch.is_tensor(v) else v
+          for k, v in _generation_kw(output_logits=True, return_dict_in_generate=True).items()}
     torch._dynamo.reset()
     counters.clear()
     with torch.no_grad():
         ref = model.generate(**kw)
-        out = model.generate(**kw, cache_implementation="static",
-                             compile_config=generation_compile_config("inductor", device))
+    out = _static_compiled(model, kw, generation_compile_config("inductor", device))
     assert torch.equal(out.sequences, ref.sequences) and _breaks() == 0
     torch.testing.assert_close(torch.stack(out.logits), torch.stack(ref.logits), rtol=1e-4, atol=1e-4)
