@@ -492,13 +492,13 @@ def infer_compile_benchmark(args: ModelBenchArgs, backend: str = "inductor",
                             names: tuple[str, ...] = ("base", "lora", "slim"), *, wide: bool = False
                             ) -> dict[str, dict[str, float]]:
     """Greedy generation on the shipped base (``wide``: on ``wide_base(args.wide_layers)``) per method and batch
-    size, eager (the dynamic KV cache, as
-    ``infer_benchmark``) and compiled -- a static KV cache and a compile config, with which ``generate`` compiles
-    each decoding step (what it does by itself on a GPU; the prompt runs eagerly) -- all timed round-robin in one
-    process: ``{name}`` and ``{name}-compiled`` records; compiled ones also hold the seconds of their first call per
-    batch size (compilation included), the graphs that call compiled, and the compile mode. Every model's compiled
-    call shares one code object (``nn.Module``'s call), whose recompile limit (8) the models and batch sizes would
-    exhaust -- dynamo then runs the rest eagerly, silently -- so the limit is raised for this measurement."""
+    size, eager (the dynamic KV cache, as ``infer_benchmark``) and compiled -- a static KV cache and a compile
+    config, with which ``generate`` compiles each decoding step (what it does by itself on a GPU; the prompt runs
+    eagerly) -- all timed round-robin in one process: ``{name}`` and ``{name}-compiled`` records; compiled ones also
+    hold the seconds of their first call per batch size (compilation included), the graphs that call compiled, and
+    the compile mode. Every model's compiled call shares one code object (``nn.Module``'s call), whose recompile
+    limit (8) the models and batch sizes would exhaust -- dynamo then runs the rest eagerly, silently -- so the limit
+    is raised for this measurement."""
     import torch._dynamo
 
     with torch._dynamo.config.patch(recompile_limit=max(64, torch._dynamo.config.recompile_limit)):
