@@ -213,8 +213,7 @@ class SlimLinear(nn.Module):
 
     # ------------------------------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        merged = (self.config.merged_inference and self.ctx.phase == "route" and not self.disabled
-                  and isinstance(self.base_layer, nn.Linear) and self._fast_eval())
+        merged = self._merges_base() and self.ctx.phase == "route" and not self.disabled and self._fast_eval()
         if merged and self.ctx.unflagged and not args and not kwargs:
             # every token goes to the one LoRA expert with weight 1: base + (alpha/r) B A x in one matmul
             return F.linear(x, self._merged_weight(), self.base_layer.bias)
@@ -528,19 +527,20 @@ class SlimLinear(nn.Module):
             return True
         if self.training or not self._fast_eval():
             return False
-        return self._eval_cache is None or (self.config.merged_inference and self._merged_cache is None
-                                            and isinstance(self.base_layer, nn.Linear))
+        return self._eval_cache is None or (self._merges_base() and self._merged_cache is None)
 
+    @torch.compiler.disable  # called from compiled code only (SlimModel.forward): a graph break there
     def _eager_prep(self) -> None:
         """Reads the clusters' flag and, in inference, builds the eval caches, outside any compiled graph."""
-        _run_eagerly(self._prep)
-
-    def _prep(self) -> None:
         self._clusters_initialized()
         if not self.training and self._fast_eval():
             self._build_eval_cache()
-            if self.config.merged_inference and isinstance(self.base_layer, nn.Linear):
+            if self._merges_base():
                 self._build_merged_weight()
+
+    def _merges_base(self) -> bool:
+        """merged_inference on a plain nn.Linear: the layer keeps a merged weight (``_merged_weight``)."""
+        return self.config.merged_inference and isinstance(self.base_layer, nn.Linear)
 
     def _pooled_score(self, agg: torch.Tensor, k: torch.Tensor, lead: torch.Size, valid: torch.Tensor | None,
                       just_initialized: bool, u: torch.Tensor | None = None) -> torch.Tensor:
@@ -559,24 +559,23 @@ class SlimLinear(nn.Module):
         past = self.ctx.past  # tokens in the KV cache before these: an int, or a 0-dim tensor (a static cache)
         total = past + t  # length of the whole sequence so far (KV cache + these t tokens)
         S, N = (U * V).cumsum(1), V.cumsum(1)  # (b, t) running sums and counts of real tokens
-        fresh = seq[:, None].expand(b, t) if cfg.ood_pooling == "sequence" else S / N.clamp_min(1.0)  # (b, t)
         state = self._pool_state
         # a KV-cache step of generation: the new tokens continue the sequence the earlier calls saw, so they pool
         # with it (prefix mean over everything so far) instead of only with themselves
-        go_on = state is not None and state[0].shape[0] == b and (torch.is_tensor(past) or past > 0)
-        if go_on:
-            S_on, N_on = S + state[0][:, None], N + state[1][:, None]
-            cont = (past > 0) & (state[2] == past)  # a Python bool, or a 0-dim tensor with a static cache
-            if torch.is_tensor(cont):  # chosen on the device: no host read (a sync, a graph break under compile)
-                S, N = torch.where(cont, S_on, S), torch.where(cont, N_on, N)
-                pooled = torch.where(cont, S / N.clamp_min(1.0), fresh)
-            elif cont:
-                S, N = S_on, N_on
-                pooled = S / N.clamp_min(1.0)  # (b, t)
-            else:
-                pooled = fresh
+        cont = False  # a Python bool, or a 0-dim tensor with a static cache
+        if state is not None and state[0].shape[0] == b and (torch.is_tensor(past) or past > 0):
+            cont = (past > 0) & (state[2] == past)
+        if torch.is_tensor(cont):  # chosen on the device: no host read (a sync, a graph break under compile)
+            fresh = seq[:, None].expand(b, t) if cfg.ood_pooling == "sequence" else S / N.clamp_min(1.0)
+            S, N = torch.where(cont, S + state[0][:, None], S), torch.where(cont, N + state[1][:, None], N)
+            pooled = torch.where(cont, S / N.clamp_min(1.0), fresh)
+        elif cont:
+            S, N = S + state[0][:, None], N + state[1][:, None]
+            pooled = S / N.clamp_min(1.0)  # (b, t)
+        elif cfg.ood_pooling == "sequence":
+            pooled = seq[:, None].expand(b, t)  # (b, t)
         else:
-            pooled = fresh
+            pooled = S / N.clamp_min(1.0)  # (b, t) prefix means
         # what a following KV-cache step continues from (inference only; training never generates)
         self._pool_state = None if self.training else (S[:, -1], N[:, -1], total)
         d = cl.pooled_score(pooled) if cfg.ood_score == "standardized" else pooled

@@ -466,6 +466,12 @@ def _warm_clusters(model: torch.nn.Module, args: ModelBenchArgs) -> None:
     model.eval()
 
 
+def _prompts(args: ModelBenchArgs, b: int, vocab: int) -> torch.Tensor:
+    """(b, prompt_len) random token ids of the generation measurements, seeded per batch size."""
+    g = torch.Generator().manual_seed(args.seed + b)
+    return torch.randint(3, vocab, (b, args.prompt_len), generator=g).to(args.device)
+
+
 def _generation(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int, **generate_kw: Any
                 ) -> Callable[[], None]:
     """Greedy generation of exactly ``new_tokens`` tokens after ``prompt`` (b, t), without gradient, as a callable."""
@@ -520,8 +526,7 @@ def _infer_compile_benchmark(args: ModelBenchArgs, backend: str, names: tuple[st
     sync = device_sync(args.device)
     out: dict[str, dict[str, Any]] = {}
     for b in args.infer_batches:
-        g = torch.Generator().manual_seed(args.seed + b)
-        prompt = torch.randint(3, vocab, (b, args.prompt_len), generator=g).to(args.device)  # (b, t)
+        prompt = _prompts(args, b, vocab)  # (b, t)
         runs = {}
         for n, m in models.items():
             runs[n] = _generation(m, prompt, args.new_tokens)
@@ -554,8 +559,7 @@ def infer_benchmark(args: ModelBenchArgs, names: tuple[str, ...] = INFER_METHODS
     vocab = next(iter(models.values())).config.vocab_size
     out: dict[str, dict[str, float]] = {n: {} for n in names}
     for b in args.infer_batches:
-        g = torch.Generator().manual_seed(args.seed + b)
-        prompt = torch.randint(3, vocab, (b, args.prompt_len), generator=g).to(args.device)  # (b, t)
+        prompt = _prompts(args, b, vocab)  # (b, t)
 
         rounds = interleaved_times({n: _generation(m, prompt, args.new_tokens) for n, m in models.items()},
                                    reps=args.reps, warmup=_warmup(args.device), sync=device_sync(args.device))
