@@ -70,3 +70,23 @@ def test_plain_trainer_trains_checkpoints_and_resumes(name, tmp_path):
     Trainer(model=fresh, args=args(tmp_path, 4), train_dataset=Records()).train(resume_from_checkpoint=True)
     for k, v in fresh.state_dict().items():
         assert torch.equal(v, after[k]), k
+
+
+def test_load_base_keeps_transformers_hub_kernels_off(tiny_base):
+    """transformers >= 5 with ``kernels`` installed turns Hub kernels on by default and downloads them on the first
+    train()/eval() on a GPU (an offline GPU run then fails: seen on an H200); ``load_base`` loads without them."""
+    from transformers import AutoModelForCausalLM, PreTrainedModel
+
+    from slimpeft.training import load_base
+
+    if not hasattr(PreTrainedModel, "set_use_kernels"):
+        pytest.skip("this transformers has no Hub kernels")
+    model, _ = load_base(str(tiny_base))
+    assert model.use_kernels is False
+    model.train(), model.eval()  # no kernelization: nothing to fetch
+    assert model.use_kernels is False and model.kernels_mode is None
+    try:
+        import kernels  # noqa: F401
+    except ImportError:
+        return
+    assert AutoModelForCausalLM.from_pretrained(str(tiny_base)).use_kernels is True  # the default load_base avoids

@@ -243,13 +243,19 @@ class PadCollator:
 
 # ------------------------------------------------------------------------------------------------ model
 def load_base(path: str, dtype: torch.dtype = torch.float32):
-    """Base causal LM and tokenizer from a folder (offline) or a Hub id."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Base causal LM and tokenizer from a folder (offline) or a Hub id.
+
+    transformers' Hub kernels stay off: since transformers 5, with the ``kernels`` package installed (a dependency
+    of transformers), a model loaded by default swaps some modules' forward (RMSNorm, rotary embedding) for kernels
+    that it downloads from the Hub the first time the model is put in train or eval mode on a GPU -- which fails
+    offline, and makes the code a measurement runs depend on what the Hub serves that day."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
     if not Path(path).exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
         raise ValueError(f"base model {path!r}: no such folder (and the Hub is offline)")
     tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    no_hub_kernels = {"use_kernels": False} if hasattr(PreTrainedModel, "set_use_kernels") else {}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **no_hub_kernels)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return model, tok
