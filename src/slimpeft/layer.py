@@ -162,7 +162,9 @@ def _static_address(*tensors: torch.Tensor | None) -> None:
     """Tell torch.compile that the cached inference tensors, like parameters, keep their address between calls:
     CUDA graphs (``mode="reduce-overhead"``) then read them in place instead of copying each into the graph's own
     input buffers before every replay (one copy kernel per tensor and layer and step); a rebuilt cache (new tensors)
-    makes them re-record the graph (``torch._dynamo.mark_static_address`` without a guard). No effect eagerly."""
+    makes them re-record the graph (``torch._dynamo.mark_static_address`` without a guard). No effect eagerly.
+    Recent dynamo (torch 2.11 and 2.13 checked) marks tensors held by modules this way by itself; this mark does not
+    rely on it."""
     import torch._dynamo  # here, not at import: only a rebuilt cache needs it
 
     for t in tensors:
