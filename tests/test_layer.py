@@ -12,7 +12,7 @@ from slimpeft import SlimConfig, SlimLinear
 from slimpeft.clustering import SlidingClusters
 from slimpeft.experts import LoraExperts
 from slimpeft.masking import apply_fast_masks, dare_delta, dare_mask, fast_drop_rates, fast_masks
-from slimpeft.router import apply_yielding, lora_balance_loss, select
+from slimpeft.router import apply_yielding, lora_balance_loss, select, top_k_gate
 
 
 def _experts(e=4, i=12, o=10, r=3, seed=0):
@@ -379,3 +379,21 @@ def test_pooled_scores_are_constant_per_sequence_or_monotone_prefix(pooling, sco
     if pooling == "sequence":
         assert torch.equal(d, d[:, :1].expand(2, 8))
     assert d[1].mean() > d[0].mean()
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_top_k_gate_equals_topk_softmax_scattered(k):
+    """The compiled eval path's gate (k max-reductions) equals top-k selection + softmax scattered into the expert
+    columns, also with -inf identity logits and with ties among identity experts (which may pick another identity
+    column: equal logits, equal weights, and the LoRA columns are the same)."""
+    g = torch.Generator().manual_seed(k)
+    logits = torch.randn(256, 10, generator=g) * 3  # 8 LoRA + 2 identity experts
+    logits[:100, 8:] = float("-inf")  # identity logits of unflagged tokens (identity_gate "yield")
+    logits[100:150, 8:] = logits[100:150].amax(-1, keepdim=True) + 0.5  # flagged: two equal identity logits on top
+    w, idx, _ = select(logits, "top_k", top_k=k, need_probs=False)
+    ref = torch.zeros_like(logits).scatter_(1, idx, w)
+    gate = top_k_gate(logits, k)
+    torch.testing.assert_close(gate[:, :8], ref[:, :8], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(gate.sum(-1), torch.ones(256))
+    assert ((gate > 0).sum(-1) == k).all()
+    torch.testing.assert_close(gate[150:], ref[150:], rtol=1e-6, atol=1e-7)  # no ties: the identity columns too

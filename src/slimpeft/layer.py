@@ -26,7 +26,7 @@ from .config import SlimConfig
 from .experts import Dispatch, LoraExperts, auto_dispatch, dense_mix, gated_mix, stack_B
 from .masking import apply_fast_masks, dare_delta, dare_mask, fast_masks
 from .precision import autocast_off, routing_precision
-from .router import lora_balance_loss, route, route_logits
+from .router import lora_balance_loss, route, route_logits, top_k_gate
 
 
 @dataclass
@@ -333,9 +333,12 @@ class SlimLinear(nn.Module):
             logits[:, n_lora:] = ident[:, None]
         elif bump is not None:
             logits[:, n_lora:].add_(bump[:, None])  # in place on the view (`+=` would copy it back onto itself)
+        dispatch = auto_dispatch(cfg.top_k, n_lora, x.device) if self.dispatch == "auto" else self.dispatch
+        if dispatch == "dense" and torch.compiler.is_compiling():  # max-reductions the compiler fuses, no topk call
+            gate = top_k_gate(logits, cfg.top_k)[:, :n_lora]  # (n, e): identity columns dropped
+            return gated_mix(H[:, c + E :], ew.B_cat, gate, base, inplace=inplace)
         vals, idx = logits.topk(cfg.top_k, dim=-1)  # (n, k)
         w = vals.softmax(-1)
-        dispatch = auto_dispatch(cfg.top_k, n_lora, x.device) if self.dispatch == "auto" else self.dispatch
         if dispatch == "dense":
             gate = logits.new_zeros(logits.shape).scatter_(1, idx, w)[:, :n_lora]  # (n, e): identity columns dropped
             return gated_mix(H[:, c + E :], ew.B_cat, gate, base, inplace=inplace)  # B_cat carries the scale

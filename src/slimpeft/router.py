@@ -78,6 +78,22 @@ def select(logits: torch.Tensor, how: Selection, *, top_k: int = 2, top_p: float
     raise ValueError(f"unknown selection {how!r}; allowed: 'top_k', 'top_p', 'dense'")
 
 
+def top_k_gate(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """(n, e) dense gate: the softmax over each row's ``top_k`` largest logits at their columns, 0 elsewhere -- what
+    ``select(logits, "top_k")`` scattered into the (n, e) columns gives. Built from ``top_k`` max-reductions and
+    pointwise ops, which torch.compile fuses into the routing's other kernels (``topk`` stays a library call there);
+    eagerly it is more ops than ``topk`` (used under compile only, ``SlimLinear._eval_forward``). Ties pick the first
+    column, where ``topk``'s choice is unspecified: equal logits get equal weights either way."""
+    cols = torch.arange(logits.shape[-1], device=logits.device)  # (e,)
+    top, first = logits.max(-1, keepdim=True)  # (n, 1) the largest logit and its column
+    chosen = cols == first  # (n, e)
+    for _ in range(top_k - 1):
+        nxt = logits.masked_fill(chosen, float("-inf")).argmax(-1, keepdim=True)  # (n, 1)
+        chosen = chosen | (cols == nxt)
+    w = torch.where(chosen, (logits - top).exp(), 0.0)  # (n, e) softmax numerators of the chosen logits
+    return w / w.sum(-1, keepdim=True)
+
+
 def load_balance_loss(probs: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, n_experts: int,
                       valid: torch.Tensor | None = None) -> torch.Tensor:
     """Switch-style balance N * sum_i f_i * P_i (unweighted; multiply by c).
