@@ -248,15 +248,17 @@ def test_cpu_blocked_z_scores_and_scattered_sums_equal_the_one_pass_forms(monkey
         want = z.max() if distance == "max" else z.square().mean().sqrt()
         assert torch.allclose(agg2[t], want, rtol=1e-6)
     w = (torch.rand(53, generator=g) > 0.3).float()  # padding: 0
-    scat, agg_s = C._local_sums(x, k1, agg1, w, 5, scatter=True)
-    mm, agg_m = C._local_sums(x, k1, agg1, w, 5, scatter=False)
-    assert scat.shape == (5, 25) and torch.allclose(scat, mm, rtol=1e-5, atol=1e-5) and torch.equal(agg_s, agg_m)
+    scat = C._local_sums(x, k1, agg1, w, 5, scatter=True)
+    mm = C._local_sums(x, k1, agg1, w, 5, scatter=False)
+    assert scat.shape == mm.shape == (5, 27) and torch.allclose(scat, mm, rtol=1e-5, atol=1e-5)
     real = w > 0
-    for j in range(5):
-        xj = x[real & (k1 == j)]
-        assert scat[j, 0] == xj.shape[0]
-        assert torch.allclose(scat[j, 1:13], xj.sum(0), atol=1e-5)
-        assert torch.allclose(scat[j, 13:], (xj * xj).sum(0), atol=1e-5)
+    for j in range(5):  # count, sums of [x, agg], sums of their squares
+        sel = real & (k1 == j)
+        xa = torch.cat([x[sel], agg1[sel, None]], dim=1)  # (n_j, 13)
+        assert scat[j, 0] == sel.sum() and mm[j, 0] == sel.sum()
+        for got in (scat, mm):
+            assert torch.allclose(got[j, 1:14], xa.sum(0), atol=1e-5)
+            assert torch.allclose(got[j, 14:], (xa * xa).sum(0), atol=1e-5)
 
 
 def test_cluster_update_with_padding_weights_equals_update_on_real_tokens():

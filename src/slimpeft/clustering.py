@@ -142,28 +142,32 @@ def _token_u(agg: torch.Tensor, k: torch.Tensor, agg_mean: torch.Tensor, agg_var
 
 
 def _local_sums(x: torch.Tensor, k: torch.Tensor, agg: torch.Tensor, w: torch.Tensor, c: int,
-                scatter: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """This process's weighted sums for a sliding step: (c, 1 + 2i) counts, sums and sums of squares of the tokens
-    x (n, i) per cluster k (n,), and (3, c) the same of their aggregates agg (n,); w (n,) 1 for the tokens that
-    count, 0 for padding. ``scatter``: row scatter-adds (default on a CPU in eager mode) or a one-hot matmul
-    (elsewhere, and under torch.compile, whose CPU code for the scatter-adds was ~6 x slower than eager's)."""
-    agg_stats = _agg_local_sums(agg, k, w, c)
+                scatter: bool | None = None) -> torch.Tensor:
+    """This process's weighted sums for a sliding step as one (c, 3 + 2i) matrix, per cluster k (n,): the count
+    (column 0), the sums of the tokens x (n, i) and of their aggregates agg (n,) side by side (columns 1 .. i + 1),
+    and the sums of their squares (columns i + 2 ..); w (n,) 1 for the tokens that count, 0 for padding. One matrix:
+    one all-reduce per layer under torch.distributed, and ``_slide`` reads channels and aggregate together.
+    ``scatter``: row scatter-adds (default on a CPU in eager mode) or one one-hot matmul (elsewhere, and under
+    torch.compile, whose CPU code for the scatter-adds was ~6 x slower than eager's)."""
+    n, i = x.shape
     if (x.device.type == "cpu" and not torch.compiler.is_compiling()) if scatter is None else scatter:
         # row scatter-adds, ~3-4 x faster than the one-hot matmul on a CPU (BENCHMARKS.md section 1); padding goes to
         # a spare row c that is dropped. On a GPU they would be atomic adds (run-to-run nondeterministic): the
         # matmul stays there.
         kk = torch.where(w > 0, k, c)  # (n,)
-        s1 = x.new_zeros(c + 1, x.shape[1]).index_add_(0, kk, x)  # (c + 1, i)
+        s1 = x.new_zeros(c + 1, i).index_add_(0, kk, x)  # (c + 1, i)
         s2 = torch.zeros_like(s1)
         rows = _block_rows(x)
-        for s in range(0, x.shape[0], rows):  # the squares by blocks, as the z-scores (fresh pages)
+        for s in range(0, n, rows):  # the squares by blocks, as the z-scores (fresh pages)
             xs = x[s : s + rows]
             s2.index_add_(0, kk[s : s + rows], xs * xs)
-        return torch.cat([agg_stats[0][:, None], s1[:c], s2[:c]], dim=1), agg_stats  # (c, 1 + 2i)
-    onehot = x.new_zeros(x.shape[0], c).scatter_(1, k[:, None], w[:, None])  # (n, c)
+        aw = agg * w
+        a = agg.new_zeros(c + 1, 3).index_add_(0, kk, torch.stack([w, aw, agg * aw], 1))  # count, sums of agg, agg^2
+        return torch.cat([a[:c, :1], s1[:c], a[:c, 1:2], s2[:c], a[:c, 2:]], dim=1)  # (c, 3 + 2i)
+    onehot = x.new_zeros(n, c).scatter_(1, k[:, None], w[:, None])  # (n, c): each token's weight in its column
     with autocast_off(x):  # float32 sums under mixed precision (precision.py)
-        stats = torch.cat([onehot.sum(0)[:, None], onehot.T @ x, onehot.T @ (x * x)], dim=1)  # (c, 1 + 2i)
-    return stats, agg_stats
+        xa = torch.cat([x, agg[:, None].to(x.dtype)], dim=1)  # (n, i + 1)
+        return onehot.T @ torch.cat([x.new_ones(n, 1), xa, xa * xa], dim=1)  # (c, 3 + 2i)
 
 
 def _agg_local_sums(agg: torch.Tensor, k: torch.Tensor, w: torch.Tensor, c: int) -> torch.Tensor:
@@ -175,9 +179,8 @@ def _agg_local_sums(agg: torch.Tensor, k: torch.Tensor, w: torch.Tensor, c: int)
     return stats
 
 
-def _slide(stats: torch.Tensor, agg_stats: torch.Tensor, centers: torch.Tensor, variances: torch.Tensor,
-           agg_mean: torch.Tensor, agg_var: torch.Tensor, m: float
-           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _slide(stats: torch.Tensor, centers: torch.Tensor, variances: torch.Tensor, agg_mean: torch.Tensor,
+           agg_var: torch.Tensor, m: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The EMA step from summed statistics: new (c, i + 1) means and variances (channels, then the aggregate's
     column) and whether any cluster got a token ().
 
@@ -185,11 +188,11 @@ def _slide(stats: torch.Tensor, agg_stats: torch.Tensor, centers: torch.Tensor, 
     a few launches instead of one set per statistic (a GPU pays a fixed host cost per kernel); the formulas are those
     of the statistics taken one by one, element for element."""
     i = centers.shape[1]
-    count, s1, s2 = stats[:, 0], stats[:, 1 : 1 + i], stats[:, 1 + i :]
+    count, s1, s2 = stats[:, 0], stats[:, 1 : 2 + i], stats[:, 2 + i :]  # (c,), (c, i + 1) sums, (c, i + 1) squares
     hit = (count > 0)[:, None]  # (c, 1): clusters that got a token; the others keep their statistics
     n_k = count.clamp_min(1.0)[:, None]  # equals count where hit
-    mean = torch.cat([s1, agg_stats[1][:, None]], dim=1) / n_k  # (c, i + 1)
-    var = torch.cat([s2, agg_stats[2][:, None]], dim=1) / n_k - mean * mean  # (c, i + 1)
+    mean = s1 / n_k  # (c, i + 1)
+    var = s2 / n_k - mean * mean  # (c, i + 1)
     var[:, :i].clamp_min_(0.0)  # channel variances; the aggregate's is floored at _EPS
     var[:, i:].clamp_min_(_EPS)
     old_mean = torch.cat([centers, agg_mean[:, None]], dim=1)  # (c, i + 1)
@@ -208,8 +211,7 @@ def _score_and_sums(x: torch.Tensor, w: torch.Tensor, centers: torch.Tensor, var
     ``_token_u`` (kind), and the local sums of ``_local_sums``."""
     k, agg = _assign(x, centers, torch.rsqrt(_floored(variances, floor)), distance)
     u = _token_u(agg, k, agg_mean, agg_var, kind, floor, threshold_std)
-    stats, agg_stats = _local_sums(x, k, agg, w, centers.shape[0])
-    return k, agg, u, stats, agg_stats
+    return k, agg, u, _local_sums(x, k, agg, w, centers.shape[0])
 
 
 class SlidingClusters(nn.Module):
@@ -324,23 +326,20 @@ class SlidingClusters(nn.Module):
 
     @torch.no_grad()
     def score_step(self, x: torch.Tensor, valid: torch.Tensor | None, kind: str
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """A training step's scoring and local statistics in one call: (k, agg, u, sums), u the per-token value of
         ``kind`` (an ``ood_score`` mode, or 'u': the standardized aggregate) from the statistics before this step;
         ``finish_step(sums)`` then slides the clusters. Equal to ``assign``, ``token_score`` / ``standardize`` and
         ``update``."""
         cfg = self.config
-        k, agg, u, stats, agg_stats = _score_and_sums(x, self._token_weights(x, valid), self.centers, self.variances,
-                                                      self.agg_mean, self.agg_var, cfg.distance, kind,
-                                                      cfg.spread_floor, cfg.threshold_std)
-        return k, agg, u, (stats, agg_stats)
+        return _score_and_sums(x, self._token_weights(x, valid), self.centers, self.variances, self.agg_mean,
+                               self.agg_var, cfg.distance, kind, cfg.spread_floor, cfg.threshold_std)
 
     @torch.no_grad()
-    def finish_step(self, sums: tuple[torch.Tensor, torch.Tensor]) -> None:
-        """Slide the clusters by the local sums of ``score_step`` / ``_local_sums``, summed over processes (one
-        all-reduce each for the channel and the aggregate statistics)."""
-        stats, agg_stats = (_all_reduce_sum(t) for t in sums)
-        new_mean, new_var, any_hit = _slide(stats, agg_stats, self.centers, self.variances, self.agg_mean,
+    def finish_step(self, sums: torch.Tensor) -> None:
+        """Slide the clusters by the local sums (c, 3 + 2i) of ``score_step`` / ``_local_sums``, summed over
+        processes (one all-reduce)."""
+        new_mean, new_var, any_hit = _slide(_all_reduce_sum(sums), self.centers, self.variances, self.agg_mean,
                                             self.agg_var, self.config.cluster_momentum)
         i = self.centers.shape[1]
         self.centers.copy_(new_mean[:, :i])
