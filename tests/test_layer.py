@@ -12,7 +12,7 @@ from slimpeft import SlimConfig, SlimLinear
 from slimpeft.clustering import SlidingClusters
 from slimpeft.experts import LoraExperts
 from slimpeft.masking import apply_fast_masks, dare_delta, dare_mask, fast_drop_rates, fast_masks
-from slimpeft.router import apply_yielding, lora_balance_loss, select, top_k_gate
+from slimpeft.router import apply_yielding, lora_balance_loss, lora_gate_balance_loss, select, top_k_gate
 
 
 def _experts(e=4, i=12, o=10, r=3, seed=0):
@@ -397,3 +397,25 @@ def test_top_k_gate_equals_topk_softmax_scattered(k):
     torch.testing.assert_close(gate.sum(-1), torch.ones(256))
     assert ((gate > 0).sum(-1) == k).all()
     torch.testing.assert_close(gate[150:], ref[150:], rtol=1e-6, atol=1e-7)  # no ties: the identity columns too
+
+
+def test_gate_balance_loss_equals_the_slot_balance_loss():
+    """The compiled training path's balance loss from the dense gate equals ``lora_balance_loss`` from the slots,
+    value and gradient, with padding weighted out and identity experts taking some slots."""
+    g = torch.Generator().manual_seed(7)
+    base_logits = torch.randn(64, 10, generator=g) * 2
+    base_logits[:20, 8:] += 4.0  # identity experts win a slot on some tokens
+    valid = torch.rand(64, generator=g) > 0.2
+    grads = []
+    for use_gate in (False, True):
+        logits = base_logits.clone().requires_grad_(True)
+        if use_gate:
+            loss = lora_gate_balance_loss(logits, top_k_gate(logits, 2), 8, valid)
+        else:
+            w, idx, _ = select(logits, "top_k", top_k=2, need_probs=False)
+            loss = lora_balance_loss(logits, idx, w, 8, valid)
+        loss.backward()
+        grads.append((loss.detach(), logits.grad))
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grads[1][1], grads[0][1], rtol=1e-6, atol=1e-8)
+    assert grads[0][0] > 0

@@ -26,7 +26,7 @@ from .config import SlimConfig
 from .experts import Dispatch, LoraExperts, auto_dispatch, dense_mix, gated_mix, stack_B
 from .masking import apply_fast_masks, dare_delta, dare_mask, fast_masks
 from .precision import autocast_off, routing_precision
-from .router import lora_balance_loss, route, route_logits, top_k_gate
+from .router import apply_yielding, lora_balance_loss, lora_gate_balance_loss, route, route_logits, top_k_gate
 
 
 @dataclass
@@ -265,8 +265,16 @@ class SlimLinear(nn.Module):
             W = torch.cat([A.reshape(e * r, i), self.router_weight().to(A.dtype)])
             with routing_precision(xf, self.training):  # autocast's dtype in training, else float32 (precision.py)
                 H = xf.to(A.dtype) @ W.T  # (n, e*r + E)
-            ro = route_logits(H[:, e * r :].float(), "top_k", **route_kw)
             B = ex.lora_B if B is None else B
+            if torch.compiler.is_compiling() and not self.ctx.record:
+                # the gate from max-reductions the compiler fuses with the routing around it (no topk library call)
+                logits = apply_yielding(H[:, e * r :].float(), d, cfg.n_lora_experts, gamma, cfg.identity_gate)
+                gate = top_k_gate(logits, cfg.top_k)  # (n, E)
+                y = gated_mix(H[:, : e * r], stack_B(B), gate[:, :e].to(H.dtype) * ex.scaling, base, inplace=own)
+                if self.training and cfg.balance_coef > 0.0 and torch.is_grad_enabled():
+                    self.ctx.aux_losses.append(cfg.balance_coef * lora_gate_balance_loss(logits, gate, e, valid))
+                return y.view(*lead, self.d_out)
+            ro = route_logits(H[:, e * r :].float(), "top_k", **route_kw)
             y = dense_mix(H[:, : e * r], stack_B(B), ro.weights, ro.indices, e, ex.scaling, base,
                           inplace=own)  # (n, o) = base + delta
         else:

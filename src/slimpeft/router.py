@@ -112,6 +112,18 @@ def load_balance_loss(probs: torch.Tensor, indices: torch.Tensor, weights: torch
     return n_experts * (f * P).sum()
 
 
+def lora_gate_balance_loss(logits: torch.Tensor, gate: torch.Tensor, n_lora: int,
+                           valid: torch.Tensor | None = None) -> torch.Tensor:
+    """``lora_balance_loss`` from a dense gate (n, e) (``top_k_gate``) instead of slots: a LoRA expert's slot is
+    routed where its gate is > 0 (its weight > 0), so f_i and P_i, and the loss, are the same."""
+    probs = logits[:, :n_lora].softmax(-1)  # (n, n_lora)
+    v = probs.new_ones(probs.shape[0]) if valid is None else valid.to(probs.dtype)  # (n,)
+    routed = (gate[:, :n_lora] > 0).to(probs.dtype) * v[:, None]  # (n, n_lora)
+    f = routed.sum(0) / routed.sum().clamp_min(1.0)
+    P = (probs * v[:, None]).sum(0) / v.sum().clamp_min(1.0)  # (n_lora,) mean over the valid tokens
+    return n_lora * (f * P).sum()
+
+
 def route(x: torch.Tensor, router_weight: torch.Tensor, how: Selection, **options: Any) -> RouterOutput:
     """Router logits (float32, no bias) -> yielding -> selection -> auxiliary loss. x (n, i), router (e, i);
     ``options``: those of ``route_logits``. Under autocast the matmul runs in its dtype, the routing in float32."""
