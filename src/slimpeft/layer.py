@@ -256,6 +256,7 @@ class SlimLinear(nn.Module):
         A, B, delta = self._masked_weights()
         ex = self.experts
         dispatch = auto_dispatch(cfg.top_k, ex.n_experts, x.device) if self.dispatch == "auto" else self.dispatch
+        gated = None  # (router logits, dense gate) where the compiled dense path routes without topk, else ro
         if delta is None and dispatch == "dense":
             # the router and every expert's down-projection in one matmul: one pass over x forward, and backward one
             # matmul each for x's gradient and for the weights' (autograd splits the latter back through the cat)
@@ -269,21 +270,21 @@ class SlimLinear(nn.Module):
             if torch.compiler.is_compiling() and not self.ctx.record:
                 # the gate from max-reductions the compiler fuses with the routing around it (no topk library call)
                 logits = apply_yielding(H[:, e * r :].float(), d, cfg.n_lora_experts, gamma, cfg.identity_gate)
-                gate = top_k_gate(logits, cfg.top_k)  # (n, E)
-                y = gated_mix(H[:, : e * r], stack_B(B), gate[:, :e].to(H.dtype) * ex.scaling, base, inplace=own)
-                if self.training and cfg.balance_coef > 0.0 and torch.is_grad_enabled():
-                    self.ctx.aux_losses.append(cfg.balance_coef * lora_gate_balance_loss(logits, gate, e, valid))
-                return y.view(*lead, self.d_out)
-            ro = route_logits(H[:, e * r :].float(), "top_k", **route_kw)
-            y = dense_mix(H[:, : e * r], stack_B(B), ro.weights, ro.indices, e, ex.scaling, base,
-                          inplace=own)  # (n, o) = base + delta
+                gated = (logits, top_k_gate(logits, cfg.top_k))  # (n, E) each
+                y = gated_mix(H[:, : e * r], stack_B(B), gated[1][:, :e].to(H.dtype) * ex.scaling, base, inplace=own)
+            else:
+                ro = route_logits(H[:, e * r :].float(), "top_k", **route_kw)
+                y = dense_mix(H[:, : e * r], stack_B(B), ro.weights, ro.indices, e, ex.scaling, base,
+                              inplace=own)  # (n, o) = base + delta
         else:
             with routing_precision(xf, self.training):
                 ro = route(xf, self.router_weight(), "top_k", **route_kw)
             y = ex(xf, ro.weights, ro.indices, A=A, B=B, delta=delta, base=base, dispatch=dispatch)
         if self.training and cfg.balance_coef > 0.0 and torch.is_grad_enabled():
-            self.ctx.aux_losses.append(cfg.balance_coef * lora_balance_loss(ro.logits, ro.indices, ro.weights,
-                                                                            cfg.n_lora_experts, valid))
+            n_lora = cfg.n_lora_experts
+            balance = (lora_gate_balance_loss(*gated, n_lora, valid) if gated is not None
+                       else lora_balance_loss(ro.logits, ro.indices, ro.weights, n_lora, valid))
+            self.ctx.aux_losses.append(cfg.balance_coef * balance)
         if self.ctx.record:
             self._record(ro.weights, ro.indices, d, valid, lead)
         return y.view(*lead, self.d_out)
@@ -343,14 +344,15 @@ class SlimLinear(nn.Module):
             logits[:, n_lora:].add_(bump[:, None])  # in place on the view (`+=` would copy it back onto itself)
         dispatch = auto_dispatch(cfg.top_k, n_lora, x.device) if self.dispatch == "auto" else self.dispatch
         if dispatch == "dense" and torch.compiler.is_compiling():  # max-reductions the compiler fuses, no topk call
-            gate = top_k_gate(logits, cfg.top_k)[:, :n_lora]  # (n, e): identity columns dropped
-            return gated_mix(H[:, c + E :], ew.B_cat, gate, base, inplace=inplace)
-        vals, idx = logits.topk(cfg.top_k, dim=-1)  # (n, k)
-        w = vals.softmax(-1)
-        if dispatch == "dense":
-            gate = logits.new_zeros(logits.shape).scatter_(1, idx, w)[:, :n_lora]  # (n, e): identity columns dropped
-            return gated_mix(H[:, c + E :], ew.B_cat, gate, base, inplace=inplace)  # B_cat carries the scale
-        return self.experts(x, w, idx, A=ew.A, B=ew.B, base=base, dispatch="sparse")
+            gate = top_k_gate(logits, cfg.top_k)  # (n, E)
+        else:
+            vals, idx = logits.topk(cfg.top_k, dim=-1)  # (n, k)
+            w = vals.softmax(-1)
+            if dispatch != "dense":
+                return self.experts(x, w, idx, A=ew.A, B=ew.B, base=base, dispatch="sparse")
+            gate = logits.new_zeros(logits.shape).scatter_(1, idx, w)  # (n, E)
+        # identity columns dropped; B_cat carries the scale
+        return gated_mix(H[:, c + E :], ew.B_cat, gate[:, :n_lora], base, inplace=inplace)
 
     def _eval_weights(self) -> EvalWeights:
         """The cached ``EvalWeights``, rebuilt when any of their sources changed. Under torch.compile the cache is

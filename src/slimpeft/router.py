@@ -82,7 +82,8 @@ def top_k_gate(logits: torch.Tensor, top_k: int) -> torch.Tensor:
     """(n, e) dense gate: the softmax over each row's ``top_k`` largest logits at their columns, 0 elsewhere -- what
     ``select(logits, "top_k")`` scattered into the (n, e) columns gives. Built from ``top_k`` max-reductions and
     pointwise ops, which torch.compile fuses into the routing's other kernels (``topk`` stays a library call there);
-    eagerly it is more ops than ``topk`` (used under compile only, ``SlimLinear._eval_forward``). Ties pick the first
+    eagerly it is more ops than ``topk`` (used under compile only: ``SlimLinear``'s dense training path and
+    ``_eval_forward``). Ties pick the first
     column, where ``topk``'s choice is unspecified: equal logits get equal weights either way."""
     cols = torch.arange(logits.shape[-1], device=logits.device)  # (e,)
     top, first = logits.max(-1, keepdim=True)  # (n, 1) the largest logit and its column
@@ -107,9 +108,16 @@ def load_balance_loss(probs: torch.Tensor, indices: torch.Tensor, weights: torch
     slots = torch.zeros(n_experts, device=probs.device, dtype=probs.dtype).index_add_(
         0, indices.reshape(-1), routed.reshape(-1)
     )  # (e,)
-    f = slots / routed.sum().clamp_min(1.0)
+    return _switch_balance(slots, routed.sum(), probs, v)
+
+
+def _switch_balance(slots: torch.Tensor, n_routed: torch.Tensor, probs: torch.Tensor, v: torch.Tensor
+                    ) -> torch.Tensor:
+    """N * sum_i f_i P_i from the routed slots per expert (e,), their total (), the router probabilities (n, e)
+    and the token weights v (n,)."""
+    f = slots / n_routed.clamp_min(1.0)
     P = (probs * v[:, None]).sum(0) / v.sum().clamp_min(1.0)  # (e,) mean over the valid tokens
-    return n_experts * (f * P).sum()
+    return slots.shape[0] * (f * P).sum()
 
 
 def lora_gate_balance_loss(logits: torch.Tensor, gate: torch.Tensor, n_lora: int,
@@ -119,9 +127,7 @@ def lora_gate_balance_loss(logits: torch.Tensor, gate: torch.Tensor, n_lora: int
     probs = logits[:, :n_lora].softmax(-1)  # (n, n_lora)
     v = probs.new_ones(probs.shape[0]) if valid is None else valid.to(probs.dtype)  # (n,)
     routed = (gate[:, :n_lora] > 0).to(probs.dtype) * v[:, None]  # (n, n_lora)
-    f = routed.sum(0) / routed.sum().clamp_min(1.0)
-    P = (probs * v[:, None]).sum(0) / v.sum().clamp_min(1.0)  # (n_lora,) mean over the valid tokens
-    return n_lora * (f * P).sum()
+    return _switch_balance(routed.sum(0), routed.sum(), probs, v)
 
 
 def route(x: torch.Tensor, router_weight: torch.Tensor, how: Selection, **options: Any) -> RouterOutput:
