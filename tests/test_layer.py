@@ -10,7 +10,7 @@ from torch import nn
 
 from slimpeft import SlimConfig, SlimLinear
 from slimpeft.clustering import SlidingClusters
-from slimpeft.experts import LoraExperts
+from slimpeft.experts import LoraExperts, gated_mix
 from slimpeft.masking import apply_fast_masks, dare_delta, dare_mask, fast_drop_rates, fast_masks
 from slimpeft.router import apply_yielding, lora_balance_loss, lora_gate_balance_loss, select, top_k_gate
 
@@ -419,3 +419,26 @@ def test_gate_balance_loss_equals_the_slot_balance_loss():
     torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(grads[1][1], grads[0][1], rtol=1e-6, atol=1e-8)
     assert grads[0][0] > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gated_mix_half_precision_cpu_path_equals_the_broadcast(dtype):
+    """On a CPU, bf16 / fp16 activations (autocast) are gated through an expanded (n, e*r) gate instead of the (n, e,
+    r) broadcast: the same products, so the output and both gradients are bit-identical to the broadcast formula;
+    the down-projections come in as a strided column slice, as in SlimLinear."""
+    g = torch.Generator().manual_seed(3)
+    n, e, r, o = 96, 8, 16, 40
+    H = (torch.randn(n, e * r + 10, generator=g)).to(dtype).requires_grad_(True)
+    gate0 = (torch.rand(n, e, generator=g) * (torch.rand(n, e, generator=g) > 0.7)).to(dtype).requires_grad_(True)
+    B_cat = torch.randn(e * r, o, generator=g).to(dtype)
+    grad = torch.randn(n, o, generator=g).to(dtype)
+    outs = []
+    for fn in (lambda h, gt: gated_mix(h, B_cat, gt, None),
+               lambda h, gt: (h.view(n, e, r) * gt[:, :, None]).reshape(n, -1) @ B_cat):
+        H.grad = gate0.grad = None
+        y = fn(H[:, : e * r], gate0 * 1.0)
+        y.backward(grad)
+        outs.append((y.detach(), H.grad.clone(), gate0.grad.clone()))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+    assert outs[0][2].abs().sum() > 0  # the gate's gradient is not trivially zero

@@ -83,7 +83,9 @@ def _assign(x: torch.Tensor, centers: torch.Tensor, inv_sd: torch.Tensor, distan
     # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2; ||x||^2 is constant per row, so it drops out of the argmin.
     with autocast_off(x):  # float32 distances under mixed precision (precision.py)
         dist2 = torch.addmm((centers * centers).sum(-1), x, centers.T, alpha=-2.0)  # (n, c) in one matmul
-    k = dist2.argmin(-1)  # (n,)
+    # min's indices, not argmin: the same first index of the minimum (ties, nan) and ~3.5 x faster on a CPU over
+    # 16 columns (argmin's reduction is not vectorised there)
+    k = dist2.min(-1).indices  # (n,)
     n, rows = x.shape[0], _block_rows(x)
     if rows >= n:  # one block: always off the CPU
         return k, _block_aggregate(x, k, centers, inv_sd, distance)
