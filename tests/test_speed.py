@@ -204,6 +204,10 @@ def test_dense_gate_without_sync_equals_scatter_of_lora_slots():
             if idx[t, j] < 5:
                 ref[t, idx[t, j]] += w[t, j]
     assert torch.equal(_dense_gate(w, idx, 5), ref)
+    assert torch.equal(_dense_gate(w, idx, 5, width=7), ref)  # the router's width known: LoRA columns of a wider gate
+    wg = w.clone().requires_grad_(True)  # and the same gradient for the slot weights (0 for identity slots)
+    (_dense_gate(wg, idx, 5, width=7) * torch.arange(1.0, 6.0)).sum().backward()
+    assert torch.equal(wg.grad, torch.where(idx < 5, idx + 1.0, 0.0))
 
 
 def test_in_place_mix_leaves_a_hooked_base_output_alone():

@@ -81,12 +81,17 @@ def auto_dispatch(k: int, n_experts: int, device: torch.device) -> Dispatch:
     return "dense"
 
 
-def _dense_gate(weights: torch.Tensor, indices: torch.Tensor, n_experts: int) -> torch.Tensor:
-    """Scatter per-slot weights into an (n, e) gate; identity slots (id >= e) carry weight 0.
+def _dense_gate(weights: torch.Tensor, indices: torch.Tensor, n_experts: int, width: int | None = None
+                ) -> torch.Tensor:
+    """Scatter per-slot weights into an (n, e) gate; identity slots (id >= e) add nothing.
 
-    Identity slots are sent to column e - 1 with weight 0 (adding 0 changes nothing) rather than to a wider gate
-    sliced afterwards: the width would need ``indices.max()`` on the host, a device sync per layer.
+    ``width``: the number of expert ids (LoRA and identity) when the caller knows it (SLIM: its router's width). The
+    slots, distinct per token, are then scattered into an (n, width) gate whose LoRA columns are returned as a view
+    (two ops). Without it identity slots are sent to column e - 1 with weight 0 (adding 0 changes nothing) rather
+    than to a wider gate: the width would need ``indices.max()`` on the host, a device sync per layer.
     """
+    if width is not None:
+        return weights.new_zeros(indices.shape[0], width).scatter(1, indices, weights)[:, :n_experts]  # (n, e)
     lora = indices < n_experts  # (n, k)
     return weights.new_zeros(indices.shape[0], n_experts).scatter_add(
         1, indices.clamp_max(n_experts - 1), weights * lora)  # (n, e)
@@ -99,13 +104,15 @@ def stack_B(B: torch.Tensor) -> torch.Tensor:
 
 
 def dense_mix(h: torch.Tensor, B_cat: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, n_experts: int,
-              scaling: float, base: torch.Tensor | None, *, inplace: bool = False) -> torch.Tensor:
+              scaling: float, base: torch.Tensor | None, *, inplace: bool = False, width: int | None = None
+              ) -> torch.Tensor:
     """Routed up-projection of the down-projections h (n, e*r) (a strided view is fine) -> (n, o), plus ``base``.
 
     The routing weights and the scale are applied to the small (n, e*r) activations, and the addition of the base
-    output is fused into the matmul (one pass over the (n, o) output instead of three). ``inplace``: see gated_mix.
+    output is fused into the matmul (one pass over the (n, o) output instead of three). ``inplace``: see gated_mix;
+    ``width``: see _dense_gate.
     """
-    gate = _dense_gate(weights.to(h.dtype), indices, n_experts) * scaling  # (n, e), the scale folded in (small)
+    gate = _dense_gate(weights.to(h.dtype), indices, n_experts, width) * scaling  # (n, e), the scale folded in
     return gated_mix(h, B_cat, gate, base, inplace=inplace)
 
 

@@ -267,15 +267,18 @@ class SlimLinear(nn.Module):
             with routing_precision(xf, self.training):  # autocast's dtype in training, else float32 (precision.py)
                 H = xf.to(A.dtype) @ W.T  # (n, e*r + E)
             B = ex.lora_B if B is None else B
+            # (n, e*r) down-projections and (n, E) router logits, views of H: split, not two slices, so that backward
+            # joins their gradients in one cat (slices: two zero-filled (n, e*r + E) tensors and their sum)
+            h, z = H.split([e * r, H.shape[1] - e * r], dim=1)
             if torch.compiler.is_compiling() and not self.ctx.record:
                 # the gate from max-reductions the compiler fuses with the routing around it (no topk library call)
-                logits = apply_yielding(H[:, e * r :].float(), d, cfg.n_lora_experts, gamma, cfg.identity_gate)
+                logits = apply_yielding(z.float(), d, cfg.n_lora_experts, gamma, cfg.identity_gate)
                 gated = (logits, top_k_gate(logits, cfg.top_k))  # (n, E) each
-                y = gated_mix(H[:, : e * r], stack_B(B), gated[1][:, :e].to(H.dtype) * ex.scaling, base, inplace=own)
+                y = gated_mix(h, stack_B(B), gated[1][:, :e].to(H.dtype) * ex.scaling, base, inplace=own)
             else:
-                ro = route_logits(H[:, e * r :].float(), "top_k", **route_kw)
-                y = dense_mix(H[:, : e * r], stack_B(B), ro.weights, ro.indices, e, ex.scaling, base,
-                              inplace=own)  # (n, o) = base + delta
+                ro = route_logits(z.float(), "top_k", **route_kw)
+                y = dense_mix(h, stack_B(B), ro.weights, ro.indices, e, ex.scaling, base, inplace=own,
+                              width=z.shape[1])  # (n, o) = base + delta
         else:
             with routing_precision(xf, self.training):
                 ro = route(xf, self.router_weight(), "top_k", **route_kw)
