@@ -7,7 +7,7 @@
     slim inspect runs/slim                               per-layer routing report + PNG heatmap
     slim bench layer [--quick] [--json]                  layer / masking speed, side by side
     slim bench speed [--quick] [--json]                  layer, masking, training and generation speed vs LoRA
-    slim bench forgetting --profile quick|pareto|seeds|full   learning vs forgetting of every method
+    slim bench forgetting --profile quick|pareto|seeds|sds|full   learning vs forgetting of every method
     slim bench encoder --profile quick|full              the same on a real encoder (all-MiniLM-L6-v2)
     slim bench learning [--variants a,b]                 training loss of SLIM variants vs LoRA and MixLoRA
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -29,10 +30,31 @@ bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (each prints a ta
 app.add_typer(bench_app, name="bench")
 
 
+SHIPPED_BASE = "assets/base"  # the default --base: the shipped base model, relative to the repository root
+
+
 def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if Path("assets/base").exists():  # inside the project checkout: never reach for the Hub
+    # peft 0.21 reads transformers 5's deprecated `is_gradient_checkpointing` when it wraps a model (LoRA, DoRA):
+    # a FutureWarning on every such run that the user can do nothing about
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    if Path(SHIPPED_BASE).exists():  # inside the project checkout: never reach for the Hub
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _resolve_base(base: str) -> str:
+    """``--base`` as given, except the default outside the repository root: there it names the checkout's shipped
+    base (next to the package's sources, an editable install), or fails with a message -- never a Hub lookup of
+    the id 'assets/base'."""
+    if base != SHIPPED_BASE or Path(base).exists():
+        return base
+    shipped = Path(__file__).resolve().parents[2] / SHIPPED_BASE
+    if (shipped / "config.json").is_file():
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        return str(shipped)
+    _fail(f"--base {base}: no such folder in {Path.cwd()}; the shipped base model lives in the repository's "
+          f"{SHIPPED_BASE}: run from the repository root, or pass --base with a model folder or a Hub id")
+    return base  # not reached: _fail exits
 
 
 def _parse_set(values: list[str]) -> dict:
@@ -82,19 +104,19 @@ def data(
     from .data.jsonl import write_jsonl
     from .data.tasks import build_task, list_tasks
 
-    sizes = {}
-    try:
-        for name in list_tasks():
-            task = build_task(name, seed=seed)
-            folder = Path(out) / name
-            folder.mkdir(parents=True, exist_ok=True)
-            write_jsonl(task.train, folder / "train.jsonl")
-            write_jsonl(task.test, folder / "test.jsonl")
-            if task.documents:
-                (folder / "documents.txt").write_text("\n".join(task.documents) + "\n")
-            sizes[name] = {**task.sizes, "documents": len(task.documents), "chance": task.chance, "kind": task.kind}
+    try:  # every task built before anything is written: a missing source leaves no partial suite behind
+        built = {name: build_task(name, seed=seed) for name in list_tasks()}
     except FileNotFoundError as e:  # names the Debian package to install
         _fail(str(e))
+    sizes = {}
+    for name, task in built.items():
+        folder = Path(out) / name
+        folder.mkdir(parents=True, exist_ok=True)
+        write_jsonl(task.train, folder / "train.jsonl")
+        write_jsonl(task.test, folder / "test.jsonl")
+        if task.documents:
+            (folder / "documents.txt").write_text("\n".join(task.documents) + "\n")
+        sizes[name] = {**task.sizes, "documents": len(task.documents), "chance": task.chance, "kind": task.kind}
     (Path(out) / "sizes.json").write_text(json.dumps({"seed": seed, "tasks": sizes}, indent=2, sort_keys=True))
     for name, sz in sizes.items():
         typer.echo(f"{name}: train {sz['train']}, test {sz['test']}, documents {sz['documents']}")
@@ -127,8 +149,10 @@ def train(
                                              "(recommended + one LoRA expert of rank 128: learned as much as LoRA "
                                              "there) or 'single-head' (single, adapting the output head as well); "
                                              "--set applies on top")] = "paper",
-    resume: Annotated[bool, typer.Option(help="resume from the last complete checkpoint in the run directory")
-                      ] = False,
+    resume: Annotated[bool, typer.Option(help="resume from the last complete checkpoint in the run directory "
+                                              "(with the arguments the run started with)")] = False,
+    overwrite: Annotated[bool, typer.Option(help="the run directory holds an earlier run: remove its files "
+                                                 "(checkpoints, adapter, logs, reports) and start afresh")] = False,
     deepspeed: Annotated[str, typer.Option(help="DeepSpeed JSON config, e.g. configs/deepspeed/zero3.json "
                                                 "(docs/distributed.md)")] = "",
     fsdp_config: Annotated[str, typer.Option(help="FSDP JSON config, e.g. configs/fsdp/fsdp2.json (GPUs only)")] = "",
@@ -153,10 +177,11 @@ def train(
     if preset != "paper" and method != "slim":
         _fail(f"--preset {preset!r} is a SLIM configuration; --method is {method!r}")
     overrides = {**PRESETS[preset], **_parse_set(set_ or [])}
+    base = _resolve_base(base)
     args = TrainArgs(base=base, method=method, data=data, out=out, overrides=overrides, steps=steps,
                      batch_size=batch_size, lr=lr, max_length=max_length, seed=seed, split_seed=split_seed,
-                     save_steps=save_steps,
-                     logging_steps=logging_steps, sync_check_steps=sync_check_steps, resume=resume, progress=progress,
+                     save_steps=save_steps, logging_steps=logging_steps, sync_check_steps=sync_check_steps,
+                     resume=resume, overwrite=overwrite, progress=progress,
                      deepspeed=deepspeed, fsdp_config=fsdp_config, precision=precision,
                      gradient_checkpointing=gradient_checkpointing, torch_compile=torch_compile)
     errs = args.validate()
@@ -174,12 +199,14 @@ def eval_(
     run_dir: Annotated[str, typer.Argument(help="a run directory (from slim train) or a base model folder")],
     tasks: Annotated[str | None, typer.Option(help="comma-separated task names (default: all)")] = None,
     limit: Annotated[int | None, typer.Option(help="test items per task (default: all)")] = None,
-    harness: Annotated[str | None, typer.Option(help="lm-evaluation-harness task names to run on the "
-                                                        "adapted model (our tasks as 'slim_*' or any task the "
-                                                        "harness knows where the Hub is reachable)")] = None,
+    harness: Annotated[str | None, typer.Option(help="also run these of this project's tasks through "
+                                                        "lm-evaluation-harness on the adapted model, offline "
+                                                        "(comma-separated, e.g. downstream/foldoc-def, or their "
+                                                        "harness names, e.g. slim_downstream_foldoc_def)")] = None,
 ) -> None:
     """Accuracy per task of the base and the tuned model side by side, with retention (general after / before)."""
     from .data.tasks import list_tasks
+    from .evaluation.harness import harness_name
     from .report import compare_accuracy, print_accuracy_table
     from .training import RUN_CONFIG, load_base, load_run
 
@@ -188,6 +215,16 @@ def eval_(
     unknown = [n for n in names if n not in list_tasks()]
     if unknown:
         _fail(f"--tasks: unknown {unknown}; known: {', '.join(list_tasks())}")
+    if limit is not None and limit <= 0:
+        _fail(f"--limit must be > 0 (test items per task), got {limit}; leave it out for all items")
+    harness_tasks = None
+    if harness:  # checked before any evaluation runs
+        ours = {harness_name(n): n for n in list_tasks()}
+        harness_tasks = [ours.get(h.strip(), h.strip()) for h in harness.split(",")]
+        bad = [h for h in harness_tasks if h not in list_tasks()]
+        if bad:
+            _fail(f"--harness: unknown task(s) {bad}; the harness runs this project's tasks offline: "
+                  f"{', '.join(list_tasks())} (or their harness names, e.g. {harness_name(list_tasks()[0])})")
     path = Path(run_dir)
     if (path / RUN_CONFIG).is_file():
         try:
@@ -207,10 +244,10 @@ def eval_(
             typer.echo(f"{n}: {evaluate_task(model, tok, n, limit=limit).accuracy:.3f}")
     else:
         _fail(f"{run_dir}: neither a run directory ({RUN_CONFIG}) nor a model folder (config.json)")
-    if harness:
+    if harness_tasks:
         from .evaluation.harness import run_harness
 
-        scores = run_harness(_hf_model(model), tok, harness.split(","), limit=limit)
+        scores = run_harness(_hf_model(model), tok, harness_tasks, limit=limit)
         typer.echo(json.dumps({"harness": scores}, indent=2))
 
 
@@ -250,6 +287,8 @@ def inspect(
     from .training import load_run
 
     _setup_logging()
+    if limit <= 0:
+        _fail(f"--limit must be > 0 (test items per task), got {limit}")
     try:
         model, tok, _ = load_run(run_dir)
         collected = collect_by_task(model, tok, limit=limit)  # one pass over the test inputs serves both reports
@@ -314,6 +353,7 @@ def bench_speed(
     from .bench.speed import print_speed_result, record_path, resolve_device, run_speed_bench
 
     _setup_logging()
+    base = _resolve_base(base)
     if not Path(base).is_dir():
         _fail(f"--base {base}: no such model folder")
     try:
@@ -336,8 +376,9 @@ def bench_speed(
 def bench_forgetting(
     profile: Annotated[str, typer.Option(help="quick (~20 min on 2 CPU cores: one seed, MDS), pareto (quick over "
                                               "the whole LR grid), seeds (pareto + 3 seeds + every ablation once, "
-                                              "~2 h) or full (400 steps, all test items, 3 seeds, LR grid, SDS, "
-                                              "every ablation x 3 seeds)")] = "quick",
+                                              "~2 h), sds (one downstream task at a time, seed 0, at each "
+                                              "method's lr chosen by the MDS search) or full (400 steps, all test "
+                                              "items, 3 seeds, LR grid, SDS, every ablation x 3 seeds)")] = "quick",
     base: Annotated[str, typer.Option(help="base model folder")] = "assets/base",
     out: Annotated[str, typer.Option(help="results folder (records/, summary.json, pareto.png); existing "
                                           "records are kept and not measured again; default results/forgetting "
@@ -353,6 +394,7 @@ def bench_forgetting(
 
     _setup_logging()
     chosen = [m.strip() for m in methods.split(",") if m.strip()] or None  # None: the profile's methods
+    base = _resolve_base(base)
     try:
         out = out or ("results/forgetting-full" if profile == "full" else "results/forgetting")
         run_benchmark(profile, base=base, out=out, methods_=chosen, dry_run=dry_run, log=typer.echo)
@@ -374,6 +416,7 @@ def bench_learning(
     from .bench.learning import run
 
     _setup_logging()
+    base = _resolve_base(base)
     try:
         run([v.strip() for v in variants.split(",") if v.strip()] or None, base=base, steps=steps, lr=lr, seed=seed,
             out=out, log=typer.echo)

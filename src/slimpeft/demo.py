@@ -48,7 +48,8 @@ def run_demo(base: str = "assets/base", out: str = "runs/demo", steps: int = 400
     for name, (method, overrides) in plan.items():
         t0 = time.perf_counter()
         run_dir = train(TrainArgs(base=base, method=method, data="downstream", out=f"{out}/{name}", steps=steps,
-                                  lr=lr, seed=seed, overrides=overrides, save_steps=steps))
+                                  lr=lr, seed=seed, overrides=overrides, save_steps=steps,
+                                  overwrite=True))  # the demo's own folder: a rerun replaces it
         seconds = time.perf_counter() - t0
         model, tok, cfg = load_run(run_dir)
         fresh_base, _ = load_base(base)

@@ -7,7 +7,11 @@ FSDP or DeepSpeed configs). A run directory holds everything ``slim eval`` / ``s
     RUN_DIR/adapter/             the trained adapter (adapter_config.json + adapter_model.safetensors)
     RUN_DIR/train_log.json       the Trainer's log history (loss, learning rate, ...)
     RUN_DIR/checkpoints/         periodic Trainer checkpoints (safetensors, optimizer, RNG) for --resume
+    RUN_DIR/train_args.json      the arguments the run started with (written first; --resume must match them)
     RUN_DIR/tb/                  TensorBoard logs
+
+A run directory that holds a run is never trained into afresh by accident: ``--resume`` continues it (with the
+arguments it started with), ``--overwrite`` removes that run's files first; without either, training refuses.
 
 Training data is either task names of the suite (``downstream`` = every downstream task) or a JSONL file of
 ``{"prompt", "response"}`` / ``{"question", "choices", "answer"}`` records. The loss covers the answer tokens only
@@ -38,6 +42,13 @@ logger = logging.getLogger("slimpeft")
 
 RUN_CONFIG = "run_config.json"
 ADAPTER_DIR = "adapter"
+TRAIN_ARGS = "train_args.json"
+# what train() and the reports (slim eval / inspect) write into a run directory: --overwrite removes these only
+RUN_OUTPUTS = ("checkpoints", "tb", ADAPTER_DIR, RUN_CONFIG, TRAIN_ARGS, "train_log.json", "eval.json",
+               "routing.json", "routing.png", "routing_by_task.json")
+# arguments that shape the trained weights: a resumed run must continue with the ones it started with
+TRAJECTORY_ARGS = ("base", "method", "data", "steps", "batch_size", "lr", "warmup_ratio", "weight_decay",
+                   "max_length", "seed", "split_seed", "precision")
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -84,7 +95,10 @@ class TrainArgs:
                 "they evaluate on), or each seed trains on other facts than the ones it is tested on"})
     save_steps: int = field(default=100, metadata={"help": "steps between checkpoints"})
     logging_steps: int = field(default=10, metadata={"help": "steps between log lines"})
-    resume: bool = field(default=False, metadata={"help": "resume from the last complete checkpoint in RUN_DIR"})
+    resume: bool = field(default=False, metadata={"help": "resume from the last complete checkpoint in RUN_DIR, "
+                                                          "with the arguments the run started with"})
+    overwrite: bool = field(default=False, metadata={"help": "RUN_DIR holds an earlier run: remove its files "
+                                                             "(checkpoints, adapter, logs, reports) and start afresh"})
     sync_check_steps: int = field(default=0, metadata={"help": "under several processes: every N steps check that "
                                                               "all ranks hold identical trainable parameters and "
                                                               "buffers (0 = never)"})
@@ -114,6 +128,10 @@ class TrainArgs:
         for name in ("steps", "batch_size", "max_length", "save_steps", "logging_steps"):
             if getattr(self, name) <= 0:
                 errs.append(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        if self.max_length == 1:  # a prompt token and an answer token at the least, or no record has a loss
+            errs.append("--max-length must be >= 2 (one prompt token and one answer token), got 1")
+        if self.resume and self.overwrite:
+            errs.append("--resume and --overwrite exclude each other")
         if self.sync_check_steps < 0:
             errs.append(f"--sync-check-steps must be >= 0, got {self.sync_check_steps}")
         for name in ("deepspeed", "fsdp_config"):
@@ -479,6 +497,69 @@ class RankSync:
             raise RuntimeError(f"step {step}: the ranks hold different tensors: {', '.join(bad[:10])}")
 
 
+def _checkpointing_arg(training_arguments: type, on: bool) -> dict[str, bool]:
+    """The Trainer's activation-checkpointing switch under its name in this transformers: ``activation_checkpointing``
+    since 5.x (``gradient_checkpointing`` is its deprecated alias there, which warns), ``gradient_checkpointing``
+    before."""
+    from dataclasses import fields as dc_fields
+
+    names = {f.name for f in dc_fields(training_arguments)}
+    return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": on}
+
+
+def _earlier_run(out: Path) -> str | None:
+    """What shows that ``out`` holds a run (its run_config, train_args or a complete checkpoint), None if nothing."""
+    for name in (RUN_CONFIG, TRAIN_ARGS):
+        if (out / name).is_file():
+            return name
+    ckpt = last_complete_checkpoint(out / "checkpoints")
+    return None if ckpt is None else str(ckpt.relative_to(out))
+
+
+def _check_run_dir(args: TrainArgs) -> None:
+    """Refuse to train afresh into a directory that holds a run (its checkpoints would mix with the new ones and
+    its adapter would be replaced); ``overwrite``: remove that run's files (only those, RUN_OUTPUTS)."""
+    out = Path(args.out)
+    if args.resume or not out.is_dir() or (found := _earlier_run(out)) is None:
+        return
+    if not args.overwrite:
+        raise ValueError(f"--out {out}: holds an earlier run ({found}); pass --resume to continue it, --overwrite "
+                         "to replace it, or choose another --out")
+    if _world()[0] == 0 and int(os.environ.get("RANK", "0")) == 0:
+        logger.warning("--overwrite: removing the earlier run in %s", out)
+        for name in RUN_OUTPUTS:
+            path = out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    _barrier()
+
+
+def _trajectory(args: TrainArgs, method_config: dict[str, Any]) -> dict[str, Any]:
+    return {**{k: getattr(args, k) for k in TRAJECTORY_ARGS}, "method_config": method_config}
+
+
+def _check_resume(out: Path, now: dict[str, Any]) -> None:
+    """--resume continues the run with the arguments it started with (train_args.json): refuse other values of
+    those that shape the weights, naming each."""
+    path = out / TRAIN_ARGS
+    if not path.is_file():  # a run of an older slimpeft, or nothing to resume: nothing to compare
+        return
+    before = read_json(path)
+    diffs = []
+    for k, v in now.items():
+        old = before.get(k) if isinstance(before, dict) else None
+        if k == "method_config" and isinstance(old, dict) and isinstance(v, dict):
+            diffs += [f"{k}.{f}={old.get(f)!r} (now {v.get(f)!r})" for f in sorted(set(old) | set(v))
+                      if old.get(f) != v.get(f)]
+        elif old != v:
+            diffs.append(f"{k}={old!r} (now {v!r})")
+    if diffs:
+        raise ValueError(f"--resume {out}: the run started with other values ({path}): " + ", ".join(diffs)
+                         + "; resume with those, or train into another --out")
+
+
 def train(args: TrainArgs, callbacks: list | None = None) -> Path:
     """Fine-tune ``args.base`` with ``args.method`` on ``args.data``; returns the run directory.
 
@@ -491,6 +572,8 @@ def train(args: TrainArgs, callbacks: list | None = None) -> Path:
     errs = args.validate()
     if errs:
         raise ValueError("invalid training arguments:\n  " + "\n  ".join(errs))
+    if not args.overwrite:
+        _check_run_dir(args)  # before anything is loaded: a refused run costs nothing
     split_seed = args.seed if args.split_seed is None else args.split_seed
     examples, sizes = training_examples(args.data, seed=split_seed)  # bad data fails here, before anything is written
     if Path(args.base).exists():  # eval/inspect must find the base from any working directory
@@ -500,6 +583,11 @@ def train(args: TrainArgs, callbacks: list | None = None) -> Path:
     dataset = SupervisedDataset(examples, tok, args.max_length)
     out = Path(args.out)
     model = methods.build(args.method, base, **args.overrides)
+    trajectory = json.loads(json.dumps(_trajectory(args, _method_config(model)), default=str))  # as read back
+    if args.resume:
+        _check_resume(out, trajectory)
+    if args.overwrite:
+        _check_run_dir(args)  # the earlier run's files go only once this one is known to start
     trainable, total = model.get_nb_trainable_parameters()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cpu = not torch.cuda.is_available()
@@ -528,7 +616,7 @@ def train(args: TrainArgs, callbacks: list | None = None) -> Path:
         disable_tqdm=not args.progress,
         dataloader_num_workers=0,
         deepspeed=args.deepspeed or None,
-        gradient_checkpointing=args.gradient_checkpointing,
+        **_checkpointing_arg(TrainingArguments, args.gradient_checkpointing),
         bf16=args.precision == "bf16",
         fp16=args.precision == "fp16",
         torch_compile=bool(args.torch_compile),
@@ -556,8 +644,12 @@ def train(args: TrainArgs, callbacks: list | None = None) -> Path:
             shutil.rmtree(out, ignore_errors=True)
         raise refusal
     out.mkdir(parents=True, exist_ok=True)
-    if trainer.is_world_process_zero() and (ckpt_dir / STAGING_DIR).exists():
-        shutil.rmtree(ckpt_dir / STAGING_DIR)  # left by a run killed while writing a checkpoint
+    if trainer.is_world_process_zero():
+        if (ckpt_dir / STAGING_DIR).exists():
+            shutil.rmtree(ckpt_dir / STAGING_DIR)  # left by a run killed while writing a checkpoint
+        if not (out / TRAIN_ARGS).is_file():  # what a later --resume must match (kept from the run's start)
+            atomic_write(out / TRAIN_ARGS, lambda p: Path(p).write_text(json.dumps(trajectory, indent=2,
+                                                                                   sort_keys=True)))
     resume_from = last_complete_checkpoint(ckpt_dir) if args.resume else None
     if args.resume and resume_from is not None:
         logger.info("resuming from %s", resume_from)

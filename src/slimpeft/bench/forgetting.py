@@ -292,7 +292,8 @@ def run_one(spec: RunSpec, profile: Profile, base: str, base_gen: dict[str, floa
     # order and masks only
     train(TrainArgs(base=base, method=registry_method(spec.method), data=spec.data, out=str(run_dir),
                     steps=profile.steps, batch_size=profile.batch_size, lr=spec.lr, seed=spec.seed,
-                    split_seed=SPLIT_SEED, overrides=spec.overrides, save_steps=profile.steps, progress=False))
+                    split_seed=SPLIT_SEED, overrides=spec.overrides, save_steps=profile.steps, progress=False,
+                    overwrite=True))  # a killed earlier attempt's run directory is this bench's own
     seconds = time.perf_counter() - t0
     model, tok, cfg = load_run(run_dir)
     acc = {n: evaluate_task(model, tok, n, limit=profile.limit, seed=0).accuracy for n in list_tasks()}

@@ -97,7 +97,7 @@ def run_variant(name: str, method: str, overrides: dict[str, Any], *, base: str,
     t0 = time.perf_counter()
     train(TrainArgs(base=base, method=registry_method(method), data="downstream", out=str(run_dir), steps=steps,
                     lr=lr, seed=seed, split_seed=SPLIT_SEED, overrides=overrides, save_steps=steps,
-                    logging_steps=min(10, steps), progress=False))
+                    logging_steps=min(10, steps), progress=False, overwrite=True))  # this bench's own folder
     seconds = time.perf_counter() - t0
     history = json.loads((run_dir / "train_log.json").read_text())  # the Trainer's log history, written by train()
     losses = [(h["step"], float(h["loss"])) for h in history if "loss" in h]
