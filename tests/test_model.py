@@ -591,3 +591,23 @@ def test_gradient_checkpointing_trains_exactly_as_without_it(reentrant, source, 
             assert torch.equal(s1[k], s2[k]), k  # one slide per step (n_updates included)
         else:
             torch.testing.assert_close(s2[k], s1[k], rtol=1e-5, atol=1e-6)
+
+
+def test_loading_onto_another_model_family_of_the_same_shapes_warns(tmp_path, caplog):
+    """The shapes are what must fit (checked, refused otherwise); an adapter saved on a Llama and loaded onto a
+    Mistral of the same shapes loads, with a warning naming both families."""
+    import logging
+
+    from transformers import MistralConfig, MistralForCausalLM
+
+    model = get_slim_model(tiny_llama(), SlimConfig(r=4, n_clusters=4))
+    model.save_pretrained(tmp_path)
+    cfg = MistralConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    with caplog.at_level(logging.WARNING, logger="slimpeft"):
+        SlimModel.from_pretrained(MistralForCausalLM(cfg), tmp_path)
+    assert any("saved on a 'llama' model" in r.message and "'mistral'" in r.message for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="slimpeft"):
+        SlimModel.from_pretrained(tiny_llama(), tmp_path)
+    assert not any("saved on a" in r.message for r in caplog.records)

@@ -82,7 +82,8 @@ def test_eval_and_inspect_refuse_a_bad_limit_or_harness_task_before_running(tmp_
     for argv, needle in ((["eval", str(tmp_path), "--limit", "0"], "--limit must be > 0"),
                          (["eval", str(tmp_path), "--limit", "-1"], "--limit must be > 0"),
                          (["inspect", str(tmp_path), "--limit", "0"], "--limit must be > 0"),
-                         (["eval", str(tmp_path), "--harness", "hellaswag"], "--harness: unknown task(s) ['hellaswag']")):
+                         (["eval", str(tmp_path), "--harness", "hellaswag"],
+                          "--harness: unknown task(s) ['hellaswag']")):
         res = runner.invoke(cli.app, argv)
         assert res.exit_code == 2, (argv, res.output)
         assert needle in res.output, (argv, res.output)

@@ -17,6 +17,7 @@ import functools
 import hashlib
 import inspect
 import json
+import logging
 import os
 import re
 import tempfile
@@ -478,6 +479,7 @@ class SlimModel(AdaptedModel):
         check_compatible(model, layers, adapter_dir)
         _check_tensors(cfg, layers, tensors, adapter_dir)
         verify_checksum(adapter_dir)
+        warn_other_base_type(model, adapter_dir)
         slim = inject(model, cfg, list(layers))
         for name, layer in slim.slim_layers().items():
             prefix = name + "."
@@ -552,6 +554,17 @@ def read_method_dir(adapter_dir: str | os.PathLike, method: str) -> tuple[dict[s
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
         raise ValueError(f"{wpath}: not a readable safetensors file ({type(e).__name__}: {e})") from None
     return meta, tensors
+
+
+def warn_other_base_type(model: nn.Module, adapter_dir: str | os.PathLike) -> None:
+    """Log a warning when the adapter was saved on another model family (``base_model_type``) than ``model``'s: the
+    shapes fitted (checked before), but weights trained on one family mean little on another."""
+    saved = read_json(Path(adapter_dir) / CONFIG_NAME).get("base_model_type")
+    now = getattr(getattr(model, "config", None), "model_type", None)
+    if saved is not None and now is not None and saved != now:
+        logging.getLogger("slimpeft").warning(
+            "%s: the adapter was saved on a %r model, this base model is a %r one (the shapes fit; loading anyway)",
+            Path(adapter_dir) / CONFIG_NAME, saved, now)
 
 
 def verify_checksum(adapter_dir: str | os.PathLike) -> None:
