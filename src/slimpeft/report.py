@@ -4,6 +4,10 @@
   mean general accuracy after / before.
 * :func:`routing_report` -- per adapted layer: identity weight on general vs downstream inputs, expert load,
   out-of-domain scores, and how well the score separates the two (AUROC, per token and per sequence).
+
+The MoE-LoRA baselines (MixLoRA, MixLoRA-Dy, LoRAMoE, MoLA) route too, but have no identity experts and no
+out-of-domain score: their reports carry the expert load, identity weight 0 (there is nothing to route to), and
+``None`` (null in JSON, "-" in tables, grey in plots) for the OOD score, the flagged share and the AUROCs.
 """
 
 from __future__ import annotations
@@ -86,26 +90,44 @@ def auroc(pos: torch.Tensor, neg: torch.Tensor) -> float:
 
 @dataclass
 class LayerRouting:
-    """Routing of one layer on general (G) vs downstream (D) inputs."""
+    """Routing of one layer on general (G) vs downstream (D) inputs.
+
+    The OOD measures (``ood_*``, ``flagged_*``, ``auroc_*``) are ``None`` for a method without an OOD score (the MoE
+    baselines); their identity weights are 0 (no identity experts)."""
 
     identity_weight_general: float
     identity_weight_downstream: float
-    ood_general: float
-    ood_downstream: float
-    flagged_general: float
-    flagged_downstream: float
-    auroc_token: float
-    auroc_sequence: float
+    ood_general: float | None
+    ood_downstream: float | None
+    flagged_general: float | None
+    flagged_downstream: float | None
+    auroc_token: float | None
+    auroc_sequence: float | None
     expert_load: list[float] = field(default_factory=list)
 
 
+def _is_slim(rec: dict[str, torch.Tensor]) -> bool:
+    """Whether collected records carry SLIM's identity weights and OOD scores (the MoE baselines' carry only expert
+    slots and routing weights)."""
+    return "identity_weight" in rec
+
+
 def _collect(model: Any, tokenizer: Any, texts: list[str], batch_size: int) -> dict[str, dict[str, torch.Tensor]]:
+    layers = model.adapter_layers() if hasattr(model, "adapter_layers") else {}
     acc: dict[str, dict[str, list[torch.Tensor]]] = {}
     for start in range(0, len(texts), batch_size):
         enc = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True)
         recs = model.routing_records(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
         for name, rec in recs.items():
             if not rec:
+                continue
+            if not _is_slim(rec):
+                # a MoE baseline: slot counts (n, e) and, as load, what varies between experts -- the slots for
+                # top-k / top-p routing, the routing weight for dense routing (LoRAMoE), as its routing_stats
+                b = acc.setdefault(name, {"slots": [], "load": []})
+                b["slots"].append(rec["slots"])
+                dense = getattr(layers.get(name), "dense_routing", False)
+                b["load"].append(rec["weight"] if dense else rec["slots"])
                 continue
             a = acc.setdefault(name, {"identity_weight": [], "slots": [], "d": [], "u": [], "seq_u": []})
             for k in ("identity_weight", "slots", "d"):
@@ -146,6 +168,14 @@ def routing_report(model: Any, tokenizer: Any, *, limit: int = 100, seed: int = 
     out = {}
     for name in g:
         G, D = g[name], d[name]
+        if not _is_slim(G):  # a MoE baseline: expert load only, no identity experts, no OOD score
+            load = G["load"].sum(0) + D["load"].sum(0)
+            out[name] = LayerRouting(
+                identity_weight_general=0.0, identity_weight_downstream=0.0, ood_general=None, ood_downstream=None,
+                flagged_general=None, flagged_downstream=None, auroc_token=None, auroc_sequence=None,
+                expert_load=(load / load.sum().clamp_min(1e-12)).tolist(),
+            )
+            continue
         slots = G["slots"].sum(0) + D["slots"].sum(0)
         out[name] = LayerRouting(
             identity_weight_general=float(G["identity_weight"].mean()),
@@ -162,9 +192,10 @@ def routing_report(model: Any, tokenizer: Any, *, limit: int = 100, seed: int = 
 class TaskRouting:
     """How one adapted layer routes the test inputs of one task."""
 
-    identity_weight: float  # mean weight on identity experts over the task's real tokens
-    flagged: float  # share of tokens with d > 0 (at the routing level: whole sequences when pooling)
-    auroc_vs_downstream: float  # sequence-mean score of this task (positive) vs every downstream task's (negative)
+    identity_weight: float  # mean weight on identity experts over the task's real tokens (0: a MoE baseline)
+    flagged: float | None  # share of tokens with d > 0 (at the routing level: whole sequences when pooling)
+    auroc_vs_downstream: float | None  # sequence-mean score of this task (positive) vs every downstream task's
+    # (negative); flagged and AUROC are None for a method without an OOD score (the MoE baselines)
 
 
 def routing_by_task(model: Any, tokenizer: Any, *, limit: int = 100, seed: int = 0, batch_size: int = 32,
@@ -174,12 +205,25 @@ def routing_by_task(model: Any, tokenizer: Any, *, limit: int = 100, seed: int =
     downstream data, in which layer, and how much identity weight they get (where a routed adapter still leaks)."""
     per = collected if collected is not None else collect_by_task(model, tokenizer, limit=limit, seed=seed,
                                                                   batch_size=batch_size)
-    down = {layer: r["seq_u"] for layer, r in _merge(per, "downstream").items()}
-    return {n: {layer: TaskRouting(identity_weight=float(r["identity_weight"].mean()),
-                                   flagged=float((r["d"] > 0).float().mean()),
-                                   auroc_vs_downstream=auroc(r["seq_u"], down[layer]))
-                for layer, r in recs.items()}
-            for n, recs in per.items()}
+    down = {layer: r["seq_u"] for layer, r in _merge(per, "downstream").items() if _is_slim(r)}
+
+    def one(layer: str, r: dict[str, torch.Tensor]) -> TaskRouting:
+        if not _is_slim(r):  # a MoE baseline: no identity experts, no OOD score
+            return TaskRouting(identity_weight=0.0, flagged=None, auroc_vs_downstream=None)
+        return TaskRouting(identity_weight=float(r["identity_weight"].mean()),
+                           flagged=float((r["d"] > 0).float().mean()),
+                           auroc_vs_downstream=auroc(r["seq_u"], down[layer]))
+
+    return {n: {layer: one(layer, r) for layer, r in recs.items()} for n, recs in per.items()}
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    """A table cell: "-" for a measure the method does not have."""
+    return "-" if x is None else format(x, spec)
+
+
+NOT_DEFINED = ("-: not defined for this method (a MoE baseline has no identity experts and no out-of-domain score; "
+               "its identity weight is 0)")
 
 
 def print_task_routing_table(report: dict[str, dict[str, TaskRouting]]) -> None:
@@ -191,9 +235,12 @@ def print_task_routing_table(report: dict[str, dict[str, TaskRouting]]) -> None:
     tasks = list(report)
     for n in tasks:
         t.add_column(n.split("/", 1)[-1], justify="right")
-    for layer in report[tasks[0]]:
-        t.add_row(short_name(layer), *(f"{report[n][layer].identity_weight:.2f}/{report[n][layer].flagged:.2f}/"
-                                       f"{report[n][layer].auroc_vs_downstream:.2f}" for n in tasks))
+    for layer in report[tasks[0]] if tasks else {}:
+        cells = (report[n][layer] for n in tasks)
+        t.add_row(short_name(layer), *(f"{r.identity_weight:.2f}/{_fmt(r.flagged, '.2f')}/"
+                                       f"{_fmt(r.auroc_vs_downstream, '.2f')}" for r in cells))
+    if any(r.flagged is None or r.auroc_vs_downstream is None for layers in report.values() for r in layers.values()):
+        t.caption = NOT_DEFINED
     Console().print(t)
 
 
@@ -212,9 +259,12 @@ def print_routing_table(report: dict[str, LayerRouting]) -> None:
         t.add_column(col, justify="left" if col == "layer" else "right")
     for name, r in report.items():
         t.add_row(short_name(name), f"{r.identity_weight_general:.3f}", f"{r.identity_weight_downstream:.3f}",
-                  f"{r.ood_general:.3f}", f"{r.ood_downstream:.3f}", f"{r.flagged_general:.2f}",
-                  f"{r.flagged_downstream:.2f}", f"{r.auroc_token:.3f}", f"{r.auroc_sequence:.3f}",
-                  f"{max(r.expert_load):.2f}")
+                  _fmt(r.ood_general, ".3f"), _fmt(r.ood_downstream, ".3f"), _fmt(r.flagged_general, ".2f"),
+                  _fmt(r.flagged_downstream, ".2f"), _fmt(r.auroc_token, ".3f"), _fmt(r.auroc_sequence, ".3f"),
+                  _fmt(max(r.expert_load) if r.expert_load else None, ".2f"))
+    if any(None in (r.ood_general, r.ood_downstream, r.flagged_general, r.flagged_downstream, r.auroc_token,
+                    r.auroc_sequence) for r in report.values()):
+        t.caption = NOT_DEFINED
     Console().print(t)
 
 
@@ -226,21 +276,36 @@ def plot_routing(report: dict[str, LayerRouting], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     names = list(report)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not names:  # nothing routed: an empty figure that says so, rather than a crash
+        fig, ax = plt.subplots(figsize=(6, 2))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no routed layer in the report", ha="center", va="center")
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
     short = [short_name(n) for n in names]
     cols = ["id-weight G", "id-weight D", "AUROC tok", "AUROC seq"]
-    m = torch.tensor([[r.identity_weight_general, r.identity_weight_downstream, r.auroc_token, r.auroc_sequence]
+    nan = float("nan")
+    m = torch.tensor([[nan if v is None else v for v in (r.identity_weight_general, r.identity_weight_downstream,
+                                                         r.auroc_token, r.auroc_sequence)]
                       for r in report.values()])
-    load = torch.tensor([r.expert_load for r in report.values()])
+    width = max(1, *(len(r.expert_load) for r in report.values()))
+    load = torch.tensor([r.expert_load + [nan] * (width - len(r.expert_load)) for r in report.values()])
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")  # grey: a measure the method lacks
     fig, axes = plt.subplots(1, 2, figsize=(12, 0.35 * len(names) + 2))
     for ax, data, xlabels, title in ((axes[0], m, cols, "routing by input kind"),
                                      (axes[1], load, [f"e{i}" for i in range(load.shape[1])], "expert load")):
-        im = ax.imshow(data.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1)
+        im = ax.imshow(data.numpy(), aspect="auto", cmap=cmap, vmin=0, vmax=1)
         ax.set_yticks(range(len(short)), short, fontsize=7)
         ax.set_xticks(range(len(xlabels)), xlabels, rotation=45, fontsize=7)
         ax.set_title(title)
         fig.colorbar(im, ax=ax)
+    if any(r.auroc_token is None or r.auroc_sequence is None for r in report.values()):
+        axes[0].set_title("routing by input kind (grey: not defined for this method)")
+    if any(len(r.expert_load) < width for r in report.values()):  # MoLA: fewer experts in the lower layers
+        axes[1].set_title("expert load (grey: no such expert in this layer)")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
