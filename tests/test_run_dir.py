@@ -109,3 +109,17 @@ def test_slim_data_with_a_missing_source_writes_nothing(tmp_path):
     assert "not found" in res.stderr
     assert not (tmp_path / "data").exists()
     assert os.listdir(tmp_path) == ["dictd"]
+
+
+def test_eval_of_downstream_tasks_only_writes_strict_json_without_nan(tmp_path):
+    """`slim eval --tasks` with no general task: no general mean or retention (null, and no row in the table), never
+    a nan in the table or a bare NaN in eval.json."""
+    run = train(TrainArgs(base=str(ROOT / "assets" / "base"), method="lora", out=str(tmp_path / "run"), steps=1,
+                          batch_size=2, progress=False))
+    res = runner.invoke(cli.app, ["eval", str(run), "--tasks", "downstream/foldoc-def", "--limit", "2"])
+    assert res.exit_code == 0, res.output
+    assert "nan" not in res.output.lower() and "downstream (mean)" in res.output
+    summary = json.loads((run / "eval.json").read_text(), parse_constant=lambda c: pytest.fail(f"bare {c}"))
+    assert summary["general_after"] is None and summary["retention"] is None
+    assert 0.0 <= summary["downstream_after"] <= 1.0
+    assert cli._json({"a": float("nan"), "b": [float("inf"), 1.5]}) == '{"a": null, "b": [null, 1.5]}'

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import warnings
 from pathlib import Path
@@ -69,6 +70,21 @@ def _parse_set(values: list[str]) -> dict:
         except json.JSONDecodeError:
             out[k] = v
     return out
+
+
+def _json(obj: object, **kw) -> str:
+    """Strict JSON: a nan or inf (a measure that does not exist, e.g. an AUROC without both kinds of input) becomes
+    null, never the bare NaN that JSON parsers refuse."""
+    def clean(v: object) -> object:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    return json.dumps(clean(obj), allow_nan=False, **kw)
 
 
 def _fail(msg: str) -> None:
@@ -234,7 +250,7 @@ def eval_(
         base_model, _ = load_base(cfg["args"]["base"])
         summary = compare_accuracy(model, tok, names, base_model=base_model.eval(), limit=limit)
         print_accuracy_table(summary, title=f"{cfg['args']['method']}: base vs tuned ({path})")
-        (path / "eval.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+        (path / "eval.json").write_text(_json(summary, indent=2, sort_keys=True))
     elif (path / "config.json").is_file():
         from .evaluation.multiple_choice import evaluate_task
 
@@ -248,7 +264,7 @@ def eval_(
         from .evaluation.harness import run_harness
 
         scores = run_harness(_hf_model(model), tok, harness_tasks, limit=limit)
-        typer.echo(json.dumps({"harness": scores}, indent=2))
+        typer.echo(_json({"harness": scores}, indent=2))
 
 
 def _hf_model(model):
@@ -299,11 +315,11 @@ def inspect(
     print_routing_table(report)
     if by_task is not None:
         print_task_routing_table(by_task)
-        (Path(run_dir) / "routing_by_task.json").write_text(json.dumps(
+        (Path(run_dir) / "routing_by_task.json").write_text(_json(
             {n: {k: asdict(v) for k, v in layers.items()} for n, layers in by_task.items()}, indent=2))
     out = Path(png) if png else Path(run_dir) / "routing.png"
     plot_routing(report, out)
-    (Path(run_dir) / "routing.json").write_text(json.dumps({k: asdict(v) for k, v in report.items()}, indent=2))
+    (Path(run_dir) / "routing.json").write_text(_json({k: asdict(v) for k, v in report.items()}, indent=2))
     typer.echo(f"heatmap written to {out}")
 
 

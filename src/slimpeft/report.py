@@ -44,29 +44,36 @@ def compare_accuracy(model: Any, tokenizer: Any, tasks: list[str] | None = None,
 
 
 def summarize(tuned: dict[str, float], base: dict[str, float]) -> dict[str, Any]:
+    """Means over the general and the downstream tasks and retention (general after / before); a mean over no task
+    (``--tasks`` chose none of that kind) and a retention without general tasks are None (null in JSON)."""
     gen = [n for n in tuned if n.startswith("general/")]
     down = [n for n in tuned if n.startswith("downstream/")]
-    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+    mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
     g_after, g_before = mean([tuned[n] for n in gen]), mean([base[n] for n in gen])
     return {"tuned": tuned, "base": base, "general_after": g_after, "general_before": g_before,
             "downstream_after": mean([tuned[n] for n in down]), "downstream_before": mean([base[n] for n in down]),
-            "retention": g_after / g_before if gen and g_before > 0 else float("nan")}
+            "retention": g_after / g_before if g_after is not None and g_before else None}
 
 
 def print_accuracy_table(summary: dict[str, Any], title: str = "accuracy") -> None:
     from rich.console import Console
     from rich.table import Table
 
+    def f(v: float | None, fmt: str = ".3f") -> str:
+        return "-" if v is None else format(v, fmt)
+
     t = Table(title=title)
     for col in ("task", "base", "tuned", "change"):
         t.add_column(col, justify="left" if col == "task" else "right")
     for n, after in summary["tuned"].items():
         before = summary["base"][n]
-        t.add_row(n, f"{before:.3f}", f"{after:.3f}", f"{after - before:+.3f}")
-    t.add_row("general (mean)", f"{summary['general_before']:.3f}", f"{summary['general_after']:.3f}",
-              f"retention {summary['retention']:.3f}")
-    t.add_row("downstream (mean)", f"{summary['downstream_before']:.3f}", f"{summary['downstream_after']:.3f}",
-              f"{summary['downstream_after'] - summary['downstream_before']:+.3f}")
+        t.add_row(n, f(before), f(after), f(after - before, "+.3f"))
+    if summary["general_after"] is not None:
+        t.add_row("general (mean)", f(summary["general_before"]), f(summary["general_after"]),
+                  f"retention {f(summary['retention'])}")
+    if summary["downstream_after"] is not None:
+        t.add_row("downstream (mean)", f(summary["downstream_before"]), f(summary["downstream_after"]),
+                  f(summary["downstream_after"] - summary["downstream_before"], "+.3f"))
     Console().print(t)
 
 

@@ -25,7 +25,14 @@ from torch import nn
 
 from ..experts import LoraExperts
 from ..layer import RoutingContext, base_shape, layer_seed, valid_token_mask
-from ..model import CONFIG_NAME, AdaptedModel, RoutingStats, read_method_dir, verify_checksum
+from ..model import (
+    CONFIG_NAME,
+    AdaptedModel,
+    RoutingStats,
+    read_method_dir,
+    verify_checksum,
+    warn_other_base_type,
+)
 from ..router import RouterOutput
 from .config import MethodConfig
 
@@ -241,6 +248,7 @@ def load_moe(model: nn.Module, adapter_dir: str | os.PathLike, method: str, conf
     except ValueError:
         undo()
         raise
+    warn_other_base_type(model, adapter_dir)
     for name, layer in wrapped.adapter_layers().items():
         prefix = name + "."
         layer.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, strict=False)

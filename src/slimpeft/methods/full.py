@@ -51,7 +51,7 @@ def build_full(model: nn.Module, config: FullConfig) -> FullModel:
 
 
 def load_full(model: nn.Module, adapter_dir: str | os.PathLike, *, is_trainable: bool = False) -> FullModel:
-    from ..model import read_method_dir, verify_checksum
+    from ..model import read_method_dir, verify_checksum, warn_other_base_type
 
     meta, tensors = read_method_dir(adapter_dir, "full")
     cfg = FullConfig.from_dict(meta["config"], where=str(Path(adapter_dir) / CONFIG_NAME))
@@ -68,6 +68,7 @@ def load_full(model: nn.Module, adapter_dir: str | os.PathLike, *, is_trainable:
                          + "\n  ".join(problems[:10]))
     del tensors
     verify_checksum(adapter_dir)
+    warn_other_base_type(model, adapter_dir)
     wpath = Path(adapter_dir) / WEIGHTS_NAME
     load_model(model, str(wpath), strict=True)  # raises on missing keys (tied duplicates excepted)
     for p in model.parameters():
