@@ -90,3 +90,65 @@ def test_load_base_keeps_transformers_hub_kernels_off(tiny_base):
     except ImportError:
         return
     assert AutoModelForCausalLM.from_pretrained(str(tiny_base)).use_kernels is True  # the default load_base avoids
+
+
+def tied_llama(seed: int = 0):
+    """A tiny Llama whose input embedding and output head share one matrix (tie_word_embeddings, as GPT-2's)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg).eval()
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    return model
+
+
+@pytest.mark.parametrize("name", ["slim", "mixlora", "full"])
+def test_plain_trainer_checkpoints_and_resumes_a_tied_base(name, tmp_path):
+    """safetensors refuses shared tensors and the Trainer saves a wrapper with save_file(model.state_dict()): the
+    wrappers' state dict copies the second name of a tied matrix, so checkpoints save, and resuming writes the values
+    into the one shared parameter (still tied)."""
+    from transformers import Trainer
+
+    model = methods.build(name, tied_llama())
+    state = model.state_dict()
+    keys = [k for k in state if k.endswith(("embed_tokens.weight", "lm_head.weight"))]
+    assert len(keys) == 2 and torch.equal(state[keys[0]], state[keys[1]])
+    assert state[keys[0]].data_ptr() != state[keys[1]].data_ptr()  # a copy: no shared memory in the state dict
+    Trainer(model=model, args=args(tmp_path, 4), train_dataset=Records()).train()
+    assert (tmp_path / "checkpoint-4" / "model.safetensors").is_file()
+    after = model.state_dict()
+    fresh = methods.build(name, tied_llama(seed=1))
+    Trainer(model=fresh, args=args(tmp_path, 4), train_dataset=Records()).train(resume_from_checkpoint=True)
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, after[k]), k
+    base = fresh.base_model
+    assert base.lm_head.weight.data_ptr() == base.model.embed_tokens.weight.data_ptr()  # still one matrix
+
+
+def test_adapting_an_adapted_model_is_refused_with_a_clear_message():
+    model = methods.build("slim", tiny_llama())
+    for target in (model, model.base_model):
+        with pytest.raises(ValueError, match=r"already holds adapter layers .*SlimLinear.*unload\(\)"):
+            methods.build("slim", target)
+        with pytest.raises(ValueError, match=r"already holds adapter layers"):
+            methods.build("mixlora", target)
+    again = methods.build("slim", model.unload())  # after unload: the plain base again
+    assert len(again.slim_layers()) == len(model.layer_names)
+
+
+def test_save_refuses_non_finite_adapter_and_dict_configs_work(tmp_path):
+    from slimpeft import SlimConfig, get_slim_model
+
+    model = get_slim_model(tiny_llama(), {"r": 4, "n_clusters": 4})  # a dict of SlimConfig's fields
+    assert model.slim_config == SlimConfig(r=4, n_clusters=4)
+    with pytest.raises(ValueError, match=r"unknown SlimConfig field"):
+        get_slim_model(tiny_llama(), {"rank": 4})
+    with pytest.raises(TypeError, match=r"SlimConfig or a dict"):
+        get_slim_model(tiny_llama(), 4)
+    with torch.no_grad():
+        next(iter(model.slim_layers().values())).experts.lora_B[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"not saved: non-finite values"):
+        model.save_pretrained(tmp_path / "a")
+    assert not (tmp_path / "a" / "adapter_model.safetensors").exists()

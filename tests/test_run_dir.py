@@ -123,3 +123,17 @@ def test_eval_of_downstream_tasks_only_writes_strict_json_without_nan(tmp_path):
     assert summary["general_after"] is None and summary["retention"] is None
     assert 0.0 <= summary["downstream_after"] <= 1.0
     assert cli._json({"a": float("nan"), "b": [float("inf"), 1.5]}) == '{"a": null, "b": [null, 1.5]}'
+
+
+@pytest.mark.parametrize("method", ["slim", "lora"])
+def test_slim_train_checkpoints_and_resumes_on_a_tied_base(tmp_path, method):
+    """`slim train` on a base whose embedding and output head share one matrix: its checkpoints save (they failed
+    with safetensors' shared-tensor error) and --resume continues from them."""
+    base = save_tiny_base(tmp_path / "tied", tie_word_embeddings=True)
+    data = write_data(tmp_path / "data.jsonl")
+    kw = {} if method == "slim" else {"method": "lora", "overrides": {}}
+    run = train(_args(base, data, tmp_path / "run", steps=3, save_steps=1, **kw))
+    ckpt = last_complete_checkpoint(run / "checkpoints")
+    assert ckpt is not None and ckpt.name == "checkpoint-3" and (run / "adapter" / "adapter_config.json").is_file()
+    train(_args(base, data, run, steps=3, save_steps=1, resume=True, **kw))
+    assert json.loads((run / "run_config.json").read_text())["resumed_from"] == str(ckpt)

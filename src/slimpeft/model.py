@@ -71,6 +71,16 @@ def linear_layer_names(model: nn.Module) -> list[str]:
     return list(seen)
 
 
+def check_not_adapted(model: nn.Module) -> None:
+    """ValueError when ``model`` holds adapter layers already (a module wrapping a ``base_layer``: SLIM's, the MoE
+    baselines', peft's LoRA): a second method's layers around the first's base layers would fight over them."""
+    adapted = [(n, type(m).__name__) for n, m in model.named_modules()
+               if not is_adaptable(m) and isinstance(getattr(m, "base_layer", None), nn.Module)]
+    if adapted:
+        raise ValueError(f"the model already holds adapter layers ({len(adapted)}, e.g. {adapted[0][0]!r}: "
+                         f"{adapted[0][1]}); adapt the original base model, or call unload() on the adapted one first")
+
+
 def resolve_targets(model: nn.Module, target_modules: str | list[str] | None) -> list[str]:
     """Full names of the layers to adapt; ValueError listing the existing linear layers when none match."""
     if target_modules is None:
@@ -81,6 +91,7 @@ def resolve_targets(model: nn.Module, target_modules: str | list[str] | None) ->
                 f"target_modules explicitly. Linear layers in this model: {linear_layer_names(model)}"
             )
         target_modules = DEFAULT_TARGETS[model_type]
+    check_not_adapted(model)
     names = [n for n, m in model.named_modules() if is_adaptable(m) and _matches(n, target_modules)]
     if not names:
         raise ValueError(
@@ -149,6 +160,25 @@ class _Forward:
         return base.replace(parameters=params + own + var_kw)
 
 
+def _unshare_tied(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    """State-dict post-hook of the wrappers: an entry whose memory another entry already holds (tied weights: a
+    model whose input embedding and output head share one matrix, as GPT-2's) becomes a copy. safetensors refuses
+    shared tensors, and the HF ``Trainer`` saves a model that is not a ``PreTrainedModel`` with
+    ``safetensors.save_file(model.state_dict())`` -- every checkpoint of a tied base failed. Loading the copy
+    writes the same values into the one shared parameter. Parameters (``keep_vars=True``), sharded or empty tensors
+    are left as they are."""
+    seen: set[int] = set()
+    for k in [k for k in state_dict if k.startswith(prefix)]:
+        v = state_dict[k]
+        if type(v) is not torch.Tensor or v.numel() == 0 or v.device.type == "meta":
+            continue
+        ptr = v.untyped_storage().data_ptr()
+        if ptr in seen:
+            state_dict[k] = v.clone()
+        else:
+            seen.add(ptr)
+
+
 class ModelWrapper(nn.Module):
     """A wrapped HuggingFace model: attributes the wrapper lacks are looked up on ``base_model``; forward and
     generate go to it; parameter counts as PEFT reports them. Base of every method's model."""
@@ -157,6 +187,7 @@ class ModelWrapper(nn.Module):
         super().__init__()
         self.base_model = model
         self.forward = _Forward(self)  # type(self).forward, with the base model's signature
+        self.register_state_dict_post_hook(_unshare_tied)  # tied bases: checkpoints through the HF Trainer
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -297,6 +328,11 @@ class AdaptedModel(ModelWrapper):
         # float32 files whatever the adapter was cast to (a model cast to bf16, DeepSpeed's bf16 engine): lossless, and
         # loading casts them to the parameters' dtype
         tensors = {k: v.float() if v.is_floating_point() else v for k, v in self.adapter_state_dict().items()}
+        bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:  # loading refuses them: an adapter that cannot be loaded back is not written
+            raise ValueError(f"{path}: not saved: non-finite values (nan or inf) in {len(bad)} adapter tensor(s), "
+                             f"e.g. {bad[0]!r}; training diverged (lower the learning rate, or train in float32 / "
+                             "bf16 rather than pure fp16)")
         atomic_write(path / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
         meta["weights_sha256"] = file_sha256(path / WEIGHTS_NAME)  # checked last on loading: tampered bytes show
         atomic_write(path / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(meta, indent=2, sort_keys=True)))
@@ -640,7 +676,13 @@ def inject(model: nn.Module, config: SlimConfig, names: list[str]) -> SlimModel:
     return SlimModel(model, config, names)
 
 
-def get_slim_model(model: nn.Module, config: SlimConfig | None = None) -> SlimModel:
-    """Freeze ``model`` and inject SLIM layers into its target modules (default: the family's MLP projections)."""
+def get_slim_model(model: nn.Module, config: SlimConfig | dict[str, Any] | None = None) -> SlimModel:
+    """Freeze ``model`` and inject SLIM layers into its target modules (default: the family's MLP projections).
+    ``config``: a SlimConfig, or a dict of its fields (validated the same way)."""
+    if isinstance(config, dict):
+        config = SlimConfig.from_dict(config, where="get_slim_model(config=...)")
+    elif config is not None and not isinstance(config, SlimConfig):
+        raise TypeError(f"get_slim_model: config must be a SlimConfig or a dict of its fields, got "
+                        f"{type(config).__name__}")
     config = config or SlimConfig()
     return inject(model, config, slim_targets(model, config))

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..config import SlimConfig
 from ..layer import base_shape
-from ..model import SlimModel, get_slim_model, resolve_targets, slim_targets
+from ..model import SlimModel, check_not_adapted, get_slim_model, resolve_targets, slim_targets
 from .common import load_moe
 from .config import (
     DoraMethodConfig,
@@ -150,6 +150,7 @@ def build(name: str, model: nn.Module, **overrides: Any) -> nn.Module:
     """
     m = _method(name)
     cfg = make_config(name, **overrides)  # validated before the model is touched
+    check_not_adapted(model)  # every method, also those that find their layers without resolve_targets
     return m.build(model, cfg)
 
 
