@@ -21,13 +21,13 @@ import pytest
 import torch
 from conftest import tiny_llama
 from safetensors.torch import load_file
-from train_helpers import SLIM_SET, env_1thread, losses, save_tiny_base, slim_cmd, write_data
+from train_helpers import SLIM_SET, env_1thread, losses, save_tiny_base, slim_cmd, tiny_train_args, write_data
 from transformers import TrainerCallback
 from typer.testing import CliRunner
 
 from slimpeft import SlimConfig, SlimLinear
 from slimpeft.model import SlimModel, get_slim_model
-from slimpeft.training import TrainArgs, last_complete_checkpoint, train
+from slimpeft.training import last_complete_checkpoint, train
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner(env={"COLUMNS": "200"})
@@ -39,10 +39,7 @@ def base_and_data(tmp_path_factory):
     return save_tiny_base(d / "base"), write_data(d / "data.jsonl")
 
 
-def _args(base, data, out, **kw) -> TrainArgs:
-    kw = {"steps": 6, "batch_size": 4, "save_steps": 2, "logging_steps": 1, "progress": False,
-          "overrides": {"r": 4, "n_clusters": 4}, **kw}
-    return TrainArgs(base=str(base), data=str(data), out=str(out), **kw)
+_args = tiny_train_args
 
 
 # ------------------------------------------------------------------------------------------------ crash safety

@@ -11,7 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from train_helpers import env_1thread, save_tiny_base, slim_cmd, write_data
+from train_helpers import env_1thread, save_tiny_base, slim_cmd, tiny_train_args, write_data
 from typer.testing import CliRunner
 
 from slimpeft import cli
@@ -28,9 +28,7 @@ def base_and_data(tmp_path_factory):
 
 
 def _args(base, data, out, **kw) -> TrainArgs:
-    kw = {"steps": 4, "batch_size": 4, "save_steps": 2, "logging_steps": 1, "progress": False,
-          "overrides": {"r": 4, "n_clusters": 4}, **kw}
-    return TrainArgs(base=str(base), data=str(data), out=str(out), **kw)
+    return tiny_train_args(base, data, out, **{"steps": 4, **kw})
 
 
 def _files(folder: Path) -> dict[str, bytes]:

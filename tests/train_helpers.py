@@ -63,3 +63,12 @@ def env_1thread() -> dict[str, str]:
 
 def losses(run_dir: Path) -> dict[int, float]:
     return {e["step"]: e["loss"] for e in json.loads((run_dir / "train_log.json").read_text()) if "loss" in e}
+
+
+def tiny_train_args(base: Path, data: Path, out: Path, **kw):
+    """TrainArgs of a few-step SLIM run (r 4, 4 clusters) on a tiny base and JSONL data; ``kw`` overrides any."""
+    from slimpeft.training import TrainArgs
+
+    kw = {"steps": 6, "batch_size": 4, "save_steps": 2, "logging_steps": 1, "progress": False,
+          "overrides": {"r": 4, "n_clusters": 4}, **kw}
+    return TrainArgs(base=str(base), data=str(data), out=str(out), **kw)
