@@ -18,7 +18,9 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=100, help="separation: test items per task")
     ap.add_argument("--out", type=Path, default=None,
                     help="JSON output (default under results/: layer.json, layer-quick.json with --quick); speed: "
-                         "a folder, the record is OUT/speed.json (OUT/speed-quick.json with --quick)")
+                         "a folder, the record is OUT/speed.json (OUT/speed-quick.json with --quick); separation: "
+                         "results/separation.json at the default --batches/--limit, "
+                         "results/separation-b<B>-l<L>.json at any other size")
     a = ap.parse_args()
     if a.which == "layer":
         from .speed import print_layer_table, record_path, run_layer_bench
@@ -46,7 +48,10 @@ def main() -> None:
     else:
         from .separation import run
 
-        run(a.base, a.batches, a.limit, a.out or Path("results/separation.json"))
+        # the record BENCHMARKS.md cites comes from the default size; another size writes beside it, never over it
+        default = (a.batches, a.limit) == (ap.get_default("batches"), ap.get_default("limit"))
+        record = Path("results/separation.json" if default else f"results/separation-b{a.batches}-l{a.limit}.json")
+        run(a.base, a.batches, a.limit, a.out or record)
 
 
 if __name__ == "__main__":
