@@ -611,3 +611,48 @@ def test_loading_onto_another_model_family_of_the_same_shapes_warns(tmp_path, ca
     with caplog.at_level(logging.WARNING, logger="slimpeft"):
         SlimModel.from_pretrained(tiny_llama(), tmp_path)
     assert not any("saved on a" in r.message for r in caplog.records)
+
+
+def _trained_for_padding(cfg: dict):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128))
+    m = get_slim_model(base, SlimConfig(**{"n_lora_experts": 4, "r": 8, "alpha": 16, "n_clusters": 4, **cfg}))
+    m.train()
+    opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(4):
+        ids = torch.randint(0, 64, (4, 16))
+        m(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    with torch.no_grad():
+        for layer in m.slim_layers().values():
+            layer.experts.lora_B.normal_(0.0, 0.3)
+    return m.eval()
+
+
+@pytest.mark.parametrize("cfg", [{"ood_pooling": "causal", "ood_score": "standardized", "yield_strength": 8.0},
+                                 {"ood_pooling": "sequence", "ood_score": "standardized", "yield_strength": 8.0},
+                                 "recommended"])
+def test_static_cache_generation_of_a_left_padded_batch_equals_the_dynamic_cache(cfg):
+    """Under a static KV cache transformers passes a 4-D (b, 1, t, k) attention mask: the layers read the call's real
+    tokens from its diagonal (padding was counted in pooled scores: other tokens than the dynamic cache's), and the
+    scoring pass of the prepass presets runs on the (b, t) padding mask (it crashed on the cache-long mask)."""
+    from slimpeft import PRESETS
+
+    m = _trained_for_padding(PRESETS[cfg] if isinstance(cfg, str) else cfg)
+    torch.manual_seed(3)
+    a = torch.cat([torch.randint(0, 64, (1, 5)), torch.randint(64, 128, (1, 5))], 1)
+    b = torch.randint(64, 128, (1, 6))
+    x = torch.cat([a, torch.cat([torch.zeros(1, 4, dtype=torch.long), b], 1)])
+    am = torch.ones_like(x)
+    am[1, :4] = 0
+    kw = {"max_new_tokens": 10, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        dynamic = m.generate(input_ids=x, attention_mask=am, **kw)
+        static = m.generate(input_ids=x, attention_mask=am, cache_implementation="static", **kw)
+        alone = m.generate(input_ids=b, **kw)
+    assert torch.equal(static, dynamic)
+    assert torch.equal(dynamic[1, 4:], alone[0])  # the padded row is the unpadded sequence's generation

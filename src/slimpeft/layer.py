@@ -83,6 +83,20 @@ def valid_token_mask(attention_mask: torch.Tensor | None, lead: torch.Size) -> t
     return (m[:, -lead[1]:] > 0).reshape(-1)
 
 
+def query_token_mask(attention_mask: torch.Tensor, past: int | torch.Tensor) -> torch.Tensor | None:
+    """(b, t) mask (1 = real token) of a call's t query tokens from the 4-D (b, 1, t, k) attention mask transformers
+    passes under a static KV cache (bool, or additive: 0 where attended), None for any other shape. A token attends
+    to itself exactly when it is real (a padding key is masked for every query), so the mask's diagonal at key
+    position ``past + q`` tells. ``past`` may be a 0-dim tensor (a static cache's length): no host read."""
+    m = attention_mask
+    if m.dim() != 4 or m.shape[1] != 1:
+        return None
+    b, t, k = m.shape[0], m.shape[2], m.shape[3]
+    pos = (torch.arange(t, device=m.device) + past).clamp_max(k - 1)  # (t,) key position of each query token
+    diag = m[:, 0].gather(2, pos.view(1, t, 1).expand(b, t, 1)).squeeze(2)  # (b, t)
+    return (diag if diag.dtype == torch.bool else diag == 0).long()
+
+
 def base_shape(layer: nn.Module) -> tuple[int, int]:
     """(d_in, d_out) of an nn.Linear or a transformers Conv1D (whose weight is stored transposed, (i, o))."""
     if isinstance(layer, nn.Linear):

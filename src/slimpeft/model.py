@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import SlimConfig
-from .layer import RoutingContext, SlimLinear, adapter_tensor_specs, base_shape
+from .layer import RoutingContext, SlimLinear, adapter_tensor_specs, base_shape, query_token_mask
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -242,7 +242,10 @@ class AdaptedModel(ModelWrapper):
         # a static cache's counter grows in place while the attention layers of this very pass write to the cache
         past = cache.get_seq_length() if cache is not None else 0
         past = past.clone() if torch.is_tensor(past) else past
-        self.ctx.reset(kwargs.get("attention_mask"), past_length=past)
+        mask = kwargs.get("attention_mask")
+        if torch.is_tensor(mask) and mask.dim() == 4:  # a static cache's 4-D mask: the real tokens of this call
+            mask = query_token_mask(mask, past)
+        self.ctx.reset(mask, past_length=past)
 
     def forward(self, *args: Any, labels: Any = None, **kwargs: Any) -> Any:
         out = super().forward(*args, labels=labels, **kwargs)
@@ -423,6 +426,10 @@ class SlimModel(AdaptedModel):
             return
         kw = {k: v for k, v in kwargs.items() if k not in ("labels", "past_key_values", "cache", "num_items_in_batch")}
         kw["use_cache"] = False
+        if torch.is_tensor(kw.get("attention_mask")) and kw["attention_mask"].dim() == 4:
+            # a static cache's mask spans the cache's length: without the cache, the (b, t) padding mask instead
+            # (the base builds its causal mask from it)
+            kw["attention_mask"] = ctx.attention_mask
         if "logits_to_keep" in _forward_params(type(module)):  # the pass reads scores, not vocabulary logits
             kw["logits_to_keep"] = 1
         # the frozen base as it is at inference: dropout off; the SLIM layers keep their mode (in training they
