@@ -187,7 +187,8 @@ class ModelWrapper(nn.Module):
         super().__init__()
         self.base_model = model
         self.forward = _Forward(self)  # type(self).forward, with the base model's signature
-        self.register_state_dict_post_hook(_unshare_tied)  # tied bases: checkpoints through the HF Trainer
+        # tied bases: checkpoints through the HF Trainer (the public registration where torch has it, else the private)
+        getattr(self, "register_state_dict_post_hook", self._register_state_dict_hook)(_unshare_tied)
 
     def __getattr__(self, name: str) -> Any:
         try:
