@@ -128,12 +128,16 @@ def test_plain_trainer_checkpoints_and_resumes_a_tied_base(name, tmp_path):
 
 
 def test_adapting_an_adapted_model_is_refused_with_a_clear_message():
+    from slimpeft import get_slim_model
+
     model = methods.build("slim", tiny_llama())
     for target in (model, model.base_model):
         with pytest.raises(ValueError, match=r"already holds adapter layers .*SlimLinear.*unload\(\)"):
             methods.build("slim", target)
         with pytest.raises(ValueError, match=r"already holds adapter layers"):
             methods.build("mixlora", target)
+        with pytest.raises(ValueError, match=r"already holds adapter layers"):
+            get_slim_model(target)  # the public entry outside the registry
     again = methods.build("slim", model.unload())  # after unload: the plain base again
     assert len(again.slim_layers()) == len(model.layer_names)
 

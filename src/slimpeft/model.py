@@ -91,7 +91,6 @@ def resolve_targets(model: nn.Module, target_modules: str | list[str] | None) ->
                 f"target_modules explicitly. Linear layers in this model: {linear_layer_names(model)}"
             )
         target_modules = DEFAULT_TARGETS[model_type]
-    check_not_adapted(model)
     names = [n for n, m in model.named_modules() if is_adaptable(m) and _matches(n, target_modules)]
     if not names:
         raise ValueError(
@@ -592,12 +591,17 @@ def read_method_dir(adapter_dir: str | os.PathLike, method: str) -> tuple[dict[s
                          f"(load it with methods.load({got!r}, ...))")
     if not isinstance(meta.get("config"), dict):
         raise ValueError(f"{cpath}: `config` must be an object of config fields")
+    return meta, read_safetensors(wpath)
+
+
+def read_safetensors(wpath: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a weights file, read with safetensors only (never pickle); ValueError naming the file when it
+    is truncated or corrupt."""
     try:
         with safe_open(str(wpath), framework="pt", device="cpu") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            return {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
         raise ValueError(f"{wpath}: not a readable safetensors file ({type(e).__name__}: {e})") from None
-    return meta, tensors
 
 
 def warn_other_base_type(model: nn.Module, adapter_dir: str | os.PathLike) -> None:
@@ -637,6 +641,14 @@ def read_adapter(adapter_dir: str | os.PathLike) -> tuple[SlimConfig, dict[str, 
     return cfg, layers, tensors
 
 
+def misfit_error(where: str | os.PathLike, what: str, problems: list[str]) -> ValueError:
+    """The error of a saved adapter (``what``) that does not fit the base model: the first 10 problems, then a count
+    of the others. Every loader raises it before the base model is changed."""
+    more = f"\n  ... {len(problems) - 10} more" if len(problems) > 10 else ""
+    return ValueError(f"{where}: {what} does not fit this base model (nothing was changed):\n  "
+                      + "\n  ".join(problems[:10]) + more)
+
+
 def check_compatible(model: nn.Module, layers: dict[str, list[int]], where: str | os.PathLike) -> None:
     """The adapter's layers must exist in ``model`` as linear layers of the same shapes."""
     modules = dict(model.named_modules())
@@ -652,9 +664,7 @@ def check_compatible(model: nn.Module, layers: dict[str, list[int]], where: str 
         elif base_shape(mod) != (d_in, d_out):
             problems.append(f"{name}: adapter expects (d_in, d_out)=({d_in}, {d_out}), base has {base_shape(mod)}")
     if problems:
-        raise ValueError(f"{where}: adapter does not fit this base model (nothing was changed):\n  "
-                         + "\n  ".join(problems[:10]) + (f"\n  ... {len(problems) - 10} more" if len(problems) > 10
-                                                         else ""))
+        raise misfit_error(where, "adapter", problems)
 
 
 def _check_tensors(cfg: SlimConfig, layers: dict[str, list[int]], got: dict[str, torch.Tensor], where) -> None:
@@ -693,4 +703,5 @@ def get_slim_model(model: nn.Module, config: SlimConfig | dict[str, Any] | None 
         raise TypeError(f"get_slim_model: config must be a SlimConfig or a dict of its fields, got "
                         f"{type(config).__name__}")
     config = config or SlimConfig()
+    check_not_adapted(model)
     return inject(model, config, slim_targets(model, config))

@@ -59,21 +59,19 @@ def print_accuracy_table(summary: dict[str, Any], title: str = "accuracy") -> No
     from rich.console import Console
     from rich.table import Table
 
-    def f(v: float | None, fmt: str = ".3f") -> str:
-        return "-" if v is None else format(v, fmt)
-
     t = Table(title=title)
     for col in ("task", "base", "tuned", "change"):
         t.add_column(col, justify="left" if col == "task" else "right")
     for n, after in summary["tuned"].items():
         before = summary["base"][n]
-        t.add_row(n, f(before), f(after), f(after - before, "+.3f"))
+        t.add_row(n, _fmt(before, ".3f"), _fmt(after, ".3f"), _fmt(after - before, "+.3f"))
     if summary["general_after"] is not None:
-        t.add_row("general (mean)", f(summary["general_before"]), f(summary["general_after"]),
-                  f"retention {f(summary['retention'])}")
+        t.add_row("general (mean)", _fmt(summary["general_before"], ".3f"), _fmt(summary["general_after"], ".3f"),
+                  f"retention {_fmt(summary['retention'], '.3f')}")
     if summary["downstream_after"] is not None:
-        t.add_row("downstream (mean)", f(summary["downstream_before"]), f(summary["downstream_after"]),
-                  f(summary["downstream_after"] - summary["downstream_before"], "+.3f"))
+        t.add_row("downstream (mean)", _fmt(summary["downstream_before"], ".3f"),
+                  _fmt(summary["downstream_after"], ".3f"),
+                  _fmt(summary["downstream_after"] - summary["downstream_before"], "+.3f"))
     Console().print(t)
 
 

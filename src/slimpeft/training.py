@@ -516,16 +516,17 @@ def _earlier_run(out: Path) -> str | None:
     return None if ckpt is None else str(ckpt.relative_to(out))
 
 
-def _check_run_dir(args: TrainArgs) -> None:
-    """Refuse to train afresh into a directory that holds a run (its checkpoints would mix with the new ones and
-    its adapter would be replaced); ``overwrite``: remove that run's files (only those, RUN_OUTPUTS)."""
-    out = Path(args.out)
-    if args.resume or not out.is_dir() or (found := _earlier_run(out)) is None:
-        return
-    if not args.overwrite:
+def _refuse_earlier_run(out: Path) -> None:
+    """Training afresh into a directory that holds a run would mix its checkpoints with the new ones and replace its
+    adapter: refused, naming what to do."""
+    if out.is_dir() and (found := _earlier_run(out)) is not None:
         raise ValueError(f"--out {out}: holds an earlier run ({found}); pass --resume to continue it, --overwrite "
                          "to replace it, or choose another --out")
-    if _world()[0] == 0 and int(os.environ.get("RANK", "0")) == 0:
+
+
+def _remove_earlier_run(out: Path) -> None:
+    """--overwrite: remove the earlier run's files (only those, RUN_OUTPUTS), on the first process."""
+    if out.is_dir() and _earlier_run(out) is not None and _world()[0] == 0 and int(os.environ.get("RANK", "0")) == 0:
         logger.warning("--overwrite: removing the earlier run in %s", out)
         for name in RUN_OUTPUTS:
             path = out / name
@@ -572,8 +573,8 @@ def train(args: TrainArgs, callbacks: list | None = None) -> Path:
     errs = args.validate()
     if errs:
         raise ValueError("invalid training arguments:\n  " + "\n  ".join(errs))
-    if not args.overwrite:
-        _check_run_dir(args)  # before anything is loaded: a refused run costs nothing
+    if not args.resume and not args.overwrite:
+        _refuse_earlier_run(Path(args.out))  # before anything is loaded: a refused run costs nothing
     split_seed = args.seed if args.split_seed is None else args.split_seed
     examples, sizes = training_examples(args.data, seed=split_seed)  # bad data fails here, before anything is written
     if Path(args.base).exists():  # eval/inspect must find the base from any working directory
@@ -587,7 +588,7 @@ def train(args: TrainArgs, callbacks: list | None = None) -> Path:
     if args.resume:
         _check_resume(out, trajectory)
     if args.overwrite:
-        _check_run_dir(args)  # the earlier run's files go only once this one is known to start
+        _remove_earlier_run(out)  # the earlier run's files go only once this one is known to start
     trainable, total = model.get_nb_trainable_parameters()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cpu = not torch.cuda.is_available()

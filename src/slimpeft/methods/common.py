@@ -29,6 +29,7 @@ from ..model import (
     CONFIG_NAME,
     AdaptedModel,
     RoutingStats,
+    misfit_error,
     read_method_dir,
     verify_checksum,
     warn_other_base_type,
@@ -240,9 +241,7 @@ def load_moe(model: nn.Module, adapter_dir: str | os.PathLike, method: str, conf
 
     if problems:
         undo()
-        raise ValueError(f"{adapter_dir}: the saved {method!r} adapter does not fit this base model (nothing was "
-                         "changed):\n  " + "\n  ".join(problems[:10])
-                         + (f"\n  ... {len(problems) - 10} more" if len(problems) > 10 else ""))
+        raise misfit_error(adapter_dir, f"the saved {method!r} adapter", problems)
     try:
         verify_checksum(adapter_dir)  # a tampered file can still be a well-formed one
     except ValueError:

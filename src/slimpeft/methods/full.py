@@ -51,7 +51,7 @@ def build_full(model: nn.Module, config: FullConfig) -> FullModel:
 
 
 def load_full(model: nn.Module, adapter_dir: str | os.PathLike, *, is_trainable: bool = False) -> FullModel:
-    from ..model import read_method_dir, verify_checksum, warn_other_base_type
+    from ..model import misfit_error, read_method_dir, verify_checksum, warn_other_base_type
 
     meta, tensors = read_method_dir(adapter_dir, "full")
     cfg = FullConfig.from_dict(meta["config"], where=str(Path(adapter_dir) / CONFIG_NAME))
@@ -64,8 +64,7 @@ def load_full(model: nn.Module, adapter_dir: str | os.PathLike, *, is_trainable:
     problems += [f"missing tensor {k}" for k, v in state.items()
                  if k not in tensors and v.data_ptr() not in stored_ptrs]
     if problems:
-        raise ValueError(f"{adapter_dir}: the saved full model does not fit this base model (nothing was changed):\n  "
-                         + "\n  ".join(problems[:10]))
+        raise misfit_error(adapter_dir, "the saved full model", problems)
     del tensors
     verify_checksum(adapter_dir)
     warn_other_base_type(model, adapter_dir)

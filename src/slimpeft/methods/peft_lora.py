@@ -25,11 +25,21 @@ from typing import Any
 import torch
 from peft import LoraConfig, PeftModel, PeftModelForCausalLM, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
-from safetensors import safe_open
 from torch import nn
 
 from ..layer import base_shape
-from ..model import CONFIG_NAME, WEIGHTS_NAME, atomic_write, file_sha256, read_json, resolve_targets, verify_checksum
+from ..model import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    atomic_write,
+    file_sha256,
+    is_adaptable,
+    misfit_error,
+    read_json,
+    read_safetensors,
+    resolve_targets,
+    verify_checksum,
+)
 from .config import LoraMethodConfig
 
 CHECKSUM_FIELD = "weights_sha256"  # the field SLIM and the MoE baselines use (slimpeft.model.verify_checksum)
@@ -123,11 +133,7 @@ def _read_tensors(wpath: Path, method: str) -> dict[str, torch.Tensor]:
     if not wpath.is_file():
         raise ValueError(f"{wpath}: missing; a saved {method!r} directory holds {WEIGHTS_NAME} (peft's pickle format, "
                          "adapter_model.bin, is not loaded: save with safe_serialization=True)")
-    try:
-        with safe_open(str(wpath), framework="pt", device="cpu") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
-        raise ValueError(f"{wpath}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+    return read_safetensors(wpath)
 
 
 def _adapted_names(model: nn.Module, lcfg: LoraConfig) -> list[str]:
@@ -143,15 +149,7 @@ def _adapted_names(model: nn.Module, lcfg: LoraConfig) -> list[str]:
     if cfg.target_modules is None:
         return []
     return [n for n, m in model.named_modules()
-            if n and (_is_linear(m) or isinstance(m, nn.Embedding)) and check_target_module_exists(cfg, n)]
-
-
-def _is_linear(m: nn.Module) -> bool:
-    try:
-        base_shape(m)
-    except TypeError:
-        return False
-    return True
+            if n and (is_adaptable(m) or isinstance(m, nn.Embedding)) and check_target_module_exists(cfg, n)]
 
 
 def _describe(mod: nn.Module) -> str:
@@ -216,7 +214,7 @@ def check_peft_lora_fits(model: nn.Module, lcfg: LoraConfig, tensors: dict[str, 
         if isinstance(mod, BaseTunerLayer):
             problems.append(f"{key}: the base model's {name} already holds a peft adapter")
             continue
-        if not (_is_linear(mod) or isinstance(mod, nn.Embedding)) or (
+        if not (is_adaptable(mod) or isinstance(mod, nn.Embedding)) or (
                 isinstance(mod, nn.Embedding) and suffix == "lora_magnitude_vector"):
             continue  # other layer types peft supports (convolutions), DoRA on embeddings: left to peft
         want = _expected_shapes(mod, lcfg, r_fixed).get(suffix)
@@ -244,9 +242,7 @@ def check_peft_lora_fits(model: nn.Module, lcfg: LoraConfig, tensors: dict[str, 
         problems += [f"missing tensor {k}: the base model's {name} matches the adapter's target_modules"
                      for k in missing]
     if problems:
-        raise ValueError(f"{wpath}: the saved adapter does not fit this base model (nothing was changed):\n  "
-                         + "\n  ".join(problems[:10])
-                         + (f"\n  ... {len(problems) - 10} more" if len(problems) > 10 else ""))
+        raise misfit_error(wpath, "the saved adapter", problems)
 
 
 def load_peft_lora(model: nn.Module, adapter_dir: str | os.PathLike, *, use_dora: bool,
