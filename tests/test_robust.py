@@ -71,7 +71,7 @@ def test_sigkill_after_a_checkpoint_then_resume_equals_uninterrupted_run(base_an
     junk = run / "checkpoints" / "checkpoint-37"
     shutil.copytree(last, junk)
     (junk / "trainer_state.json").unlink()
-    (junk / "model.safetensors").write_bytes((junk / "model.safetensors").read_bytes()[:1000])
+    (junk / "adapter_model.safetensors").write_bytes((junk / "adapter_model.safetensors").read_bytes()[:1000])
     (run / "checkpoints" / ".incomplete" / "checkpoint-38").mkdir(parents=True)
 
     resumed = subprocess.run(slim_cmd(*common, "--out", str(run), "--resume"), capture_output=True, text=True,
@@ -117,7 +117,7 @@ def test_nonfinite_values_stop_training_and_keep_the_last_good_checkpoint(base_a
         train(_args(base, data, out), callbacks=[PoisonAt(poison_step)])
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2"]
     assert last_complete_checkpoint(out / "checkpoints") == out / "checkpoints" / "checkpoint-2"
-    weights = load_file(out / "checkpoints" / "checkpoint-2" / "model.safetensors")
+    weights = load_file(out / "checkpoints" / "checkpoint-2" / "adapter_model.safetensors")
     assert all(v.isfinite().all() for v in weights.values() if v.is_floating_point())
     assert not (out / "adapter").exists() and not (out / "run_config.json").exists()
 

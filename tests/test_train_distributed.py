@@ -89,7 +89,15 @@ def test_deepspeed_zero_two_processes_on_cpu_equal_one_process(setup, stage):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     out = _two_process_run(launcher, setup, stage, "--deepspeed", str(config))
     _check_against_single(out, setup[3])
-    assert (out / "checkpoints" / "checkpoint-4" / "global_step4").is_dir()  # DeepSpeed's own sharded state
+    ckpt = out / "checkpoints" / "checkpoint-4"
+    assert (ckpt / "global_step4").is_dir()  # DeepSpeed's own sharded state
+    # the checkpoint's adapter (under ZeRO-3 taken from the state dict the Trainer gathers) is the run's adapter,
+    # and no whole-model weights file is written next to it
+    assert not (ckpt / "model.safetensors").exists()
+    a, b = load_file(ckpt / "adapter_model.safetensors"), load_file(out / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for CPU-only machines")

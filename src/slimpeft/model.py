@@ -219,7 +219,7 @@ class AdaptedModel(ModelWrapper):
     """What every adapted model shares (SLIM and the MoE baselines): the wrapped base, the routing context captured
     by a forward pre-hook, parameter counts, ``disable_adapter``, routing records and atomic saving.
 
-    Subclasses set ``layer_type`` (the injected module class) and define ``save_pretrained``.
+    Subclasses set ``layer_type`` (the injected module class) and define ``_meta`` (what their saves record).
     """
 
     layer_type: type[nn.Module] = nn.Module
@@ -316,21 +316,36 @@ class AdaptedModel(ModelWrapper):
         return out
 
     # ------------------------------------------------------------------------------------------ saving
-    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+    def adapter_state_dict(self, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Adapter tensors only (experts, routers, cluster buffers), no base weights. Under FSDP2 the parameters are
-        DTensor shards: they are gathered whole (a collective: every rank must call this)."""
+        DTensor shards: they are gathered whole (a collective: every rank must call this). ``state_dict``: take them
+        from this state dict of the wrapper instead (one gathered from shards, as DeepSpeed ZeRO-3 hands it to the
+        Trainer's save); KeyError naming the first missing entry."""
+        if state_dict is not None:
+            return {f"{name}.{k}": state_dict[f"base_model.{name}.{k}"].detach().contiguous().cpu()
+                    for name, layer in self.adapter_layers().items()
+                    for k in layer.state_dict(keep_vars=True) if not k.startswith("base_layer.")}
         return {f"{name}.{k}": (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().contiguous().cpu()
                 for name, layer in self.adapter_layers().items()
                 for k, v in layer.state_dict().items() if not k.startswith("base_layer.")}
 
-    def _write(self, save_directory: str | os.PathLike, meta: dict[str, Any]) -> None:
-        """adapter_model.safetensors and adapter_config.json (sorted keys), each written atomically."""
+    def _meta(self) -> dict[str, Any]:
+        """What adapter_config.json records besides the checksum and the base model's type: ``method``, ``config``
+        (the method's config fields) and ``layers``."""
+        raise NotImplementedError
+
+    def save_pretrained(self, save_directory: str | os.PathLike,
+                        state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Write adapter_config.json (sorted keys) and adapter_model.safetensors, each atomically; ``state_dict``: the
+        wrapper's state dict to take the adapter tensors from (``adapter_state_dict``)."""
         path = Path(save_directory)
         path.mkdir(parents=True, exist_ok=True)
-        meta = {**meta, "base_model_type": getattr(getattr(self.base_model, "config", None), "model_type", None)}
+        base_type = getattr(getattr(self.base_model, "config", None), "model_type", None)
+        meta = {**self._meta(), "base_model_type": base_type}
         # float32 files whatever the adapter was cast to (a model cast to bf16, DeepSpeed's bf16 engine): lossless, and
         # loading casts them to the parameters' dtype
-        tensors = {k: v.float() if v.is_floating_point() else v for k, v in self.adapter_state_dict().items()}
+        tensors = {k: v.float() if v.is_floating_point() else v
+                   for k, v in self.adapter_state_dict(state_dict).items()}
         bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
         if bad:  # loading refuses them: an adapter that cannot be loaded back is not written
             raise ValueError(f"{path}: not saved: non-finite values (nan or inf) in {len(bad)} adapter tensor(s), "
@@ -339,6 +354,27 @@ class AdaptedModel(ModelWrapper):
         atomic_write(path / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
         meta["weights_sha256"] = file_sha256(path / WEIGHTS_NAME)  # checked last on loading: tampered bytes show
         atomic_write(path / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(meta, indent=2, sort_keys=True)))
+
+    def load_adapter_checkpoint(self, adapter_dir: str | os.PathLike) -> None:
+        """Load, in place, an adapter directory that a model of this very structure saved (``save_pretrained``; a
+        ``SlimTrainer`` checkpoint): same method, config and layers, every tensor of the same shape and dtype, the
+        weights file matching its checksum -- all checked before anything is written; ValueError naming each
+        difference. The base weights are not touched."""
+        now = json.loads(json.dumps(self._meta()))  # as read back from the file
+        meta, tensors = read_method_dir(adapter_dir, now["method"])
+        saved_cfg, cfg = meta["config"], now["config"]
+        problems = [f"config field {k!r}: saved {saved_cfg.get(k)!r}, this model {cfg.get(k)!r}"
+                    for k in sorted(set(saved_cfg) | set(cfg)) if saved_cfg.get(k) != cfg.get(k)]
+        saved = meta.get("layers") if isinstance(meta.get("layers"), dict) else {}
+        differ = sorted(k for k in set(saved) | set(now["layers"]) if saved.get(k) != now["layers"].get(k))
+        if differ:
+            problems.append(f"{len(differ)} adapted layer(s) differ from the saved `layers` (e.g. {differ[:3]})")
+        expected = {k: v.float() if v.is_floating_point() else v for k, v in self.adapter_state_dict().items()}
+        problems += tensor_problems(expected, tensors)  # saved as float32 whatever the adapter's dtype
+        if problems:
+            raise misfit_error(adapter_dir, f"the saved {now['method']!r} adapter", problems, "adapted model")
+        verify_checksum(adapter_dir)
+        load_layer_tensors(self.adapter_layers(), tensors)
 
     def unload(self) -> nn.Module:
         """Put the base layers back (the inverse of injection) and return the base model."""
@@ -504,15 +540,11 @@ class SlimModel(AdaptedModel):
         return stats
 
     # ------------------------------------------------------------------------------------------ save / load
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Write adapter_config.json (sorted keys) and adapter_model.safetensors, each atomically."""
+    def _meta(self) -> dict[str, Any]:
         layers = self.slim_layers()
-        self._write(save_directory, {
-            "method": "slim",
-            "config": self.slim_config.to_dict(),
-            "layers": {n: list(base_shape(layer.base_layer)) for n, layer in layers.items()},
-            "mask_seeds": {n: layer.mask_seed for n, layer in layers.items()},
-        })
+        return {"method": "slim", "config": self.slim_config.to_dict(),
+                "layers": {n: list(base_shape(layer.base_layer)) for n, layer in layers.items()},
+                "mask_seeds": {n: layer.mask_seed for n, layer in layers.items()}}
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, adapter_dir: str | os.PathLike, *, is_trainable: bool = False
@@ -524,10 +556,7 @@ class SlimModel(AdaptedModel):
         verify_checksum(adapter_dir)
         warn_other_base_type(model, adapter_dir)
         slim = inject(model, cfg, list(layers))
-        for name, layer in slim.slim_layers().items():
-            prefix = name + "."
-            layer.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
-                                  strict=False)
+        load_layer_tensors(slim.slim_layers(), tensors)
         slim.train(False)
         if not is_trainable:
             for p in slim.parameters():
@@ -641,11 +670,30 @@ def read_adapter(adapter_dir: str | os.PathLike) -> tuple[SlimConfig, dict[str, 
     return cfg, layers, tensors
 
 
-def misfit_error(where: str | os.PathLike, what: str, problems: list[str]) -> ValueError:
-    """The error of a saved adapter (``what``) that does not fit the base model: the first 10 problems, then a count
-    of the others. Every loader raises it before the base model is changed."""
+def tensor_problems(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> list[str]:
+    """What keeps the saved tensors ``got`` from replacing ``expected`` (an ``adapter_state_dict``): missing and
+    unexpected names, other shapes or dtypes, non-finite values."""
+    problems = [f"missing tensor {k}" for k in expected if k not in got]
+    problems += [f"unexpected tensor {k}" for k in got if k not in expected]
+    problems += [f"{k}: {tuple(got[k].shape)} {got[k].dtype}, expected {tuple(v.shape)} {v.dtype}"
+                 for k, v in expected.items() if k in got and (got[k].shape != v.shape or got[k].dtype != v.dtype)]
+    problems += [f"{k}: non-finite values" for k, v in got.items() if v.is_floating_point() and not v.isfinite().all()]
+    return problems
+
+
+def load_layer_tensors(layers: dict[str, nn.Module], tensors: dict[str, torch.Tensor]) -> None:
+    """Copy the saved adapter tensors (named ``<layer>.<key>``, as ``adapter_state_dict``) into the adapter layers;
+    their base layers keep their weights (strict=False)."""
+    for name, layer in layers.items():
+        prefix = name + "."
+        layer.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, strict=False)
+
+
+def misfit_error(where: str | os.PathLike, what: str, problems: list[str], target: str = "base model") -> ValueError:
+    """The error of a saved adapter (``what``) that does not fit the base model (``target``): the first 10 problems,
+    then a count of the others. Every loader raises it before the base model is changed."""
     more = f"\n  ... {len(problems) - 10} more" if len(problems) > 10 else ""
-    return ValueError(f"{where}: {what} does not fit this base model (nothing was changed):\n  "
+    return ValueError(f"{where}: {what} does not fit this {target} (nothing was changed):\n  "
                       + "\n  ".join(problems[:10]) + more)
 
 

@@ -6,7 +6,7 @@ FSDP or DeepSpeed configs). A run directory holds everything ``slim eval`` / ``s
     RUN_DIR/run_config.json      resolved arguments, method config, data sizes, base model path
     RUN_DIR/adapter/             the trained adapter (adapter_config.json + adapter_model.safetensors)
     RUN_DIR/train_log.json       the Trainer's log history (loss, learning rate, ...)
-    RUN_DIR/checkpoints/         periodic Trainer checkpoints (safetensors, optimizer, RNG) for --resume
+    RUN_DIR/checkpoints/         periodic Trainer checkpoints (the adapter, optimizer, RNG) for --resume
     RUN_DIR/train_args.json      the arguments the run started with (written first; --resume must match them)
     RUN_DIR/tb/                  TensorBoard logs
 
@@ -358,85 +358,6 @@ def last_complete_checkpoint(folder: str | Path) -> Path | None:
     return None
 
 
-def _make_trainer_class():
-    """``Trainer`` with atomic checkpoints and a stop on a non-finite loss or gradient before the optimizer step."""
-    from transformers import Trainer
-    from transformers.trainer_utils import rotate_checkpoints
-
-    class SlimTrainer(Trainer):
-        _staging = False
-
-        def _get_output_dir(self, trial) -> str:
-            root = super()._get_output_dir(trial)
-            return os.path.join(root, STAGING_DIR) if self._staging else root
-
-        def _save_checkpoint(self, model, trial) -> None:
-            """Write ``checkpoint-N`` under ``.incomplete/``, flush it, then rename it into place (atomic on one file
-            system), so a kill at any moment leaves only complete checkpoints; then rotate old ones."""
-            root = Path(super()._get_output_dir(trial))
-            name = f"checkpoint-{self.state.global_step}"
-            bad = [n for n, p in model.named_parameters() if p.requires_grad and not p.isfinite().all()]
-            flag = torch.tensor([float(bool(bad))], device=next(model.parameters()).device)  # NCCL: on the GPU
-            if _world()[1] > 1:  # shards (ZeRO-3, FSDP) differ between ranks: all stop or none
-                import torch.distributed as dist
-
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                if flag.item() and not bad:
-                    bad = ["(a parameter shard of another rank)"]
-            if bad:  # never let a checkpoint hold non-finite weights: it would replace a good one in the rotation
-                last = last_complete_checkpoint(root)
-                raise FloatingPointError(
-                    f"step {self.state.global_step}: non-finite (nan/inf) values in {', '.join(bad[:5])}: stopped "
-                    f"without writing {name}; the last good checkpoint is {last}. Lower --lr or check the data.")
-            staged, final = root / STAGING_DIR / name, root / name
-            if self.args.should_save and staged.exists():
-                shutil.rmtree(staged)
-            _barrier()
-            self._staging = True
-            try:
-                super()._save_checkpoint(model, trial)
-            finally:
-                self._staging = False
-            _barrier()  # every rank has written its part (RNG state per rank)
-            if self.args.should_save:
-                _fsync_tree(staged)
-                old = None
-                if final.exists():  # re-saving a step (after a resume): move the old one aside first
-                    old = final.with_name(f"{STAGING_DIR}-old-{name}")
-                    os.replace(final, old)
-                os.replace(staged, final)
-                _fsync(root)
-                if old is not None:
-                    shutil.rmtree(old)
-                if not any(staged.parent.iterdir()):
-                    staged.parent.rmdir()
-                rotate_checkpoints(output_dir=str(root), save_total_limit=self.args.save_total_limit, use_mtime=False)
-            _barrier()
-
-        def training_step(self, model, inputs, num_items_in_batch=None):
-            loss = super().training_step(model, inputs, num_items_in_batch)
-            grads = [p.grad for p in model.parameters() if p.grad is not None]
-            bad = torch.tensor([float(not torch.isfinite(loss).all()),
-                                float(bool(grads) and not torch.stack([g.isfinite().all() for g in grads]).all())],
-                               device=loss.device)
-            if _world()[1] > 1:  # every rank stops together, or the others would wait in the next all-reduce
-                import torch.distributed as dist
-
-                dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-            if bad.any():
-                what = "loss" if bad[0] else "gradient"
-                step = self.state.global_step + 1
-                last = last_complete_checkpoint(self.args.output_dir)
-                kept = f"the last good checkpoint is {last}" if last else "no checkpoint had been written yet"
-                raise FloatingPointError(
-                    f"training {what} became non-finite (nan/inf) at step {step}: stopped before the optimizer step; "
-                    f"{kept}. Lower --lr (or the method's scale, e.g. alpha) or check the data, then run again "
-                    "(--resume continues from that checkpoint).")
-            return loss
-
-    return SlimTrainer
-
-
 def _callbacks(args: TrainArgs, sync: RankSync | None):
     from transformers import TrainerCallback
 
@@ -569,6 +490,7 @@ def train(args: TrainArgs, callbacks: list | None = None) -> Path:
     from transformers import TrainingArguments
 
     from . import methods
+    from .trainer import SlimTrainer
 
     errs = args.validate()
     if errs:
@@ -631,9 +553,8 @@ def train(args: TrainArgs, callbacks: list | None = None) -> Path:
                   "n_train": len(dataset), "n_truncated": dataset.n_truncated, "trainable_params": trainable,
                   "total_params": total, "world_size": world}
     sync = RankSync() if (world > 1 and args.sync_check_steps > 0) else None
-    trainer = _make_trainer_class()(model=model, args=targs, train_dataset=dataset,
-                                    data_collator=PadCollator(tok.pad_token_id),
-                                    callbacks=_callbacks(args, sync) + list(callbacks or []))
+    trainer = SlimTrainer(model=model, args=targs, train_dataset=dataset, data_collator=PadCollator(tok.pad_token_id),
+                          callbacks=_callbacks(args, sync) + list(callbacks or []))
     fsdp_asked = bool(args.fsdp_config) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
     refusal = None
     if fsdp_asked and not trainer.is_fsdp_enabled:

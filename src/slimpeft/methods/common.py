@@ -29,8 +29,10 @@ from ..model import (
     CONFIG_NAME,
     AdaptedModel,
     RoutingStats,
+    load_layer_tensors,
     misfit_error,
     read_method_dir,
+    tensor_problems,
     verify_checksum,
     warn_other_base_type,
 )
@@ -201,13 +203,9 @@ class MoeModel(AdaptedModel):
                                        ood_score=0.0, ood_flagged=0.0, n_tokens=int(rec["slots"].shape[0]))
         return stats
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Write adapter_config.json (sorted keys) and adapter_model.safetensors, each atomically."""
-        self._write(save_directory, {
-            "method": self.method,
-            "config": self.method_config.to_dict(),
-            "layers": {n: type(m).__name__ for n, m in self.adapter_layers().items()},
-        })
+    def _meta(self) -> dict[str, Any]:
+        return {"method": self.method, "config": self.method_config.to_dict(),
+                "layers": {n: type(m).__name__ for n, m in self.adapter_layers().items()}}
 
 
 def load_moe(model: nn.Module, adapter_dir: str | os.PathLike, method: str, config_cls: type[MethodConfig],
@@ -226,14 +224,8 @@ def load_moe(model: nn.Module, adapter_dir: str | os.PathLike, method: str, conf
         diff = sorted(set(saved_layers) ^ set(built))[:3]
         problems.append(f"adapted layers differ: saved {len(saved_layers)}, this base model gives {len(built)} "
                         f"(e.g. {diff})")
-    expected = wrapped.adapter_state_dict()
-    problems += [f"missing tensor {k}" for k in expected if k not in tensors]
-    problems += [f"unexpected tensor {k}" for k in tensors if k not in expected]
-    problems += [f"{k}: {tuple(tensors[k].shape)} {tensors[k].dtype}, expected {tuple(v.shape)} {v.dtype}"
-                 for k, v in expected.items()
-                 if k in tensors and (tensors[k].shape != v.shape or tensors[k].dtype != v.dtype)]
-    problems += [f"{k}: non-finite values" for k, v in tensors.items()
-                 if v.is_floating_point() and not v.isfinite().all()]
+    problems += tensor_problems(wrapped.adapter_state_dict(), tensors)
+
     def undo() -> None:
         wrapped.unload()
         for p in model.parameters():
@@ -248,9 +240,7 @@ def load_moe(model: nn.Module, adapter_dir: str | os.PathLike, method: str, conf
         undo()
         raise
     warn_other_base_type(model, adapter_dir)
-    for name, layer in wrapped.adapter_layers().items():
-        prefix = name + "."
-        layer.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, strict=False)
+    load_layer_tensors(wrapped.adapter_layers(), tensors)
     wrapped.train(False)
     if not is_trainable:
         for p in wrapped.parameters():
