@@ -143,3 +143,32 @@ def test_a_checkpoint_of_another_config_or_damaged_is_refused_before_loading(tmp
     with pytest.raises(ValueError, match=r"SHA-256 differs"):
         same.load_adapter_checkpoint(ckpt)
     assert all(torch.equal(v, before[k]) for k, v in same.state_dict().items())
+
+
+def test_parameters_trained_outside_the_adapter_are_checkpointed_with_the_whole_model(tmp_path, caplog):
+    """A base weight set trainable by hand (a task head) is not in the adapter files: an adapter-only checkpoint would
+    lose it on resume, so the whole model is checkpointed, with a warning; save_pretrained warns that it leaves it
+    out."""
+    def with_head():
+        model = build("slim")
+        model.base_model.lm_head.weight.requires_grad_(True)
+        return model
+
+    model = with_head()
+    assert model.trainable_outside_adapter() == ["base_model.lm_head.weight"]
+    with caplog.at_level("WARNING", logger="slimpeft"):
+        SlimTrainer(model=model, args=targs(tmp_path / "a"), train_dataset=Records()).train()
+    assert "1 trainable parameter(s) outside the adapter (e.g. ['base_model.lm_head.weight'])" in caplog.text
+    files = {p.name for p in (tmp_path / "a" / "checkpoint-2").iterdir()}
+    assert "model.safetensors" in files and "adapter_config.json" not in files
+    after = model.state_dict()
+    assert not torch.equal(after["base_model.lm_head.weight"], tiny_llama().lm_head.weight)  # the head trained
+    fresh = with_head()
+    SlimTrainer(model=fresh, args=targs(tmp_path / "a"), train_dataset=Records()).train(
+        resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, after[k]), k
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="slimpeft"):
+        model.save_pretrained(tmp_path / "adapter")
+    assert "1 trainable parameter(s) outside the adapter are not saved with it" in caplog.text

@@ -329,6 +329,14 @@ class AdaptedModel(ModelWrapper):
                 for name, layer in self.adapter_layers().items()
                 for k, v in layer.state_dict().items() if not k.startswith("base_layer.")}
 
+    def trainable_outside_adapter(self) -> list[str]:
+        """Names of the trainable parameters that the adapter files do not hold (a base weight set trainable by
+        hand, e.g. a task head): ``save_pretrained`` leaves them out, and ``SlimTrainer`` then checkpoints the whole
+        model instead of the adapter."""
+        inside = {f"base_model.{name}.{k}" for name, layer in self.adapter_layers().items()
+                  for k, _ in layer.named_parameters() if not k.startswith("base_layer.")}
+        return [n for n, p in self.named_parameters() if p.requires_grad and n not in inside]
+
     def _meta(self) -> dict[str, Any]:
         """What adapter_config.json records besides the checksum and the base model's type: ``method``, ``config``
         (the method's config fields) and ``layers``."""
@@ -337,7 +345,13 @@ class AdaptedModel(ModelWrapper):
     def save_pretrained(self, save_directory: str | os.PathLike,
                         state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """Write adapter_config.json (sorted keys) and adapter_model.safetensors, each atomically; ``state_dict``: the
-        wrapper's state dict to take the adapter tensors from (``adapter_state_dict``)."""
+        wrapper's state dict to take the adapter tensors from (``adapter_state_dict``). Trainable parameters outside
+        the adapter are not saved: a warning names them."""
+        outside = self.trainable_outside_adapter()
+        if outside:
+            logging.getLogger("slimpeft").warning(
+                "%s: %d trainable parameter(s) outside the adapter are not saved with it (e.g. %s); save them "
+                "separately", save_directory, len(outside), outside[:3])
         path = Path(save_directory)
         path.mkdir(parents=True, exist_ok=True)
         base_type = getattr(getattr(self.base_model, "config", None), "model_type", None)

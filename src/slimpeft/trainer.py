@@ -39,11 +39,23 @@ class SlimTrainer(Trainer):
     """
 
     _staging = False
+    _warned_outside = False
 
     def _adapted(self) -> AdaptedModel | None:
-        """The adapted model behind ``self.model`` when its checkpoints are adapter-only (not under FSDP)."""
+        """The adapted model behind ``self.model`` when its checkpoints are adapter-only: not under FSDP, and not
+        when parameters outside the adapter train too (set trainable by hand): those would be lost on resume, so the
+        whole model is checkpointed then (a warning names them once)."""
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        return model if isinstance(model, AdaptedModel) and not self.is_fsdp_enabled else None
+        if not isinstance(model, AdaptedModel) or self.is_fsdp_enabled:
+            return None
+        outside = model.trainable_outside_adapter()
+        if outside:
+            if not self._warned_outside:
+                logger.warning("%d trainable parameter(s) outside the adapter (e.g. %s): checkpoints hold the whole "
+                               "model's state dict, not the adapter only", len(outside), outside[:3])
+                self._warned_outside = True
+            return None
+        return model
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """As the Trainer's, but an adapted model writes its adapter (``state_dict``: the whole model's, gathered by
