@@ -31,6 +31,8 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal, get_args, get_type_hints
 
+from .modules_to_save import validate_modules_to_save
+
 Distance = Literal["max", "rms"]
 MaskMode = Literal["fast", "dare", "none"]
 InferenceMask = Literal["fixed", "none"]
@@ -96,6 +98,13 @@ class SlimConfig:
         metadata={"help": "Also adapt the model's output head (get_output_embeddings(), e.g. lm_head), whatever "
                   "target_modules says. With ood_source='prepass' the head routes on the other layers' score (it sees "
                   "one position per sequence under logits_to_keep, so it scores nothing itself)."},
+    )
+    modules_to_save: list[str] | None = field(
+        default=None,
+        metadata={"help": "Modules besides the adapted layers to train in full and save with the adapter (PEFT's "
+                  "modules_to_save), e.g. ['score'] or ['classifier']: a sequence classifier's new head, which a "
+                  "frozen base would leave random. Exact names or dotted suffixes; each gets a trainable copy, the "
+                  "original stays for disable_adapter()."},
     )
     n_clusters: int = field(default=16, metadata={"help": "Sliding-clustering centres per adapted layer."})
     cluster_momentum: float = field(
@@ -278,6 +287,7 @@ class SlimConfig:
         for name in ("mask_rescale", "yield_in_training", "adapt_output_head", "merged_inference"):
             if not isinstance(getattr(self, name), bool):
                 errs.append(f"`{name}`={getattr(self, name)!r} must be true or false")
+        errs += validate_modules_to_save(self.modules_to_save)
         tm = self.target_modules
         if tm is not None and not isinstance(tm, str):
             if not isinstance(tm, (list, tuple)) or not tm or not all(isinstance(t, str) and t for t in tm):
@@ -294,8 +304,9 @@ class SlimConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        if isinstance(d["target_modules"], tuple):
-            d["target_modules"] = list(d["target_modules"])
+        for name in ("target_modules", "modules_to_save"):
+            if isinstance(d[name], tuple):
+                d[name] = list(d[name])
         return d
 
     @classmethod

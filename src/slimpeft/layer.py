@@ -161,7 +161,7 @@ _FAST_EVAL_FIELDS = frozenset({
     "cluster_momentum", "distance", "ood_score", "threshold_std", "ood_pooling", "ood_source", "yield_strength",
     "identity_gate", "mask_rate", "mask_mode", "mask_rescale", "inference_mask", "l1_weight", "balance_coef",
     "router_init_std", "router_lr_scale", "seed", "spread_floor", "yield_in_training", "adapt_output_head",
-    "merged_inference",
+    "merged_inference", "modules_to_save",
 })
 
 

@@ -34,6 +34,7 @@ from torch import nn
 
 from .config import SlimConfig
 from .layer import RoutingContext, SlimLinear, adapter_tensor_specs, base_shape, query_token_mask
+from .modules_to_save import ModuleToSave, resolve_modules_to_save, saved_tensor_specs
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -224,10 +225,13 @@ class AdaptedModel(ModelWrapper):
 
     layer_type: type[nn.Module] = nn.Module
 
-    def __init__(self, model: nn.Module, layer_names: list[str], ctx: RoutingContext) -> None:
+    def __init__(self, model: nn.Module, layer_names: list[str], ctx: RoutingContext,
+                 modules_to_save: list[str] | None = None) -> None:
         super().__init__(model)
         self.layer_names = list(layer_names)
         self.ctx = ctx
+        for name in resolve_modules_to_save(model, modules_to_save, self.layer_names):
+            set_module(model, name, ModuleToSave(model.get_submodule(name)))
         self._last_aux: dict[str, torch.Tensor] = {}  # detached; read through last_aux (no host sync per step)
         for layer in self.adapter_layers().values():
             layer.ctx = self.ctx
@@ -279,13 +283,22 @@ class AdaptedModel(ModelWrapper):
     def adapter_layers(self) -> dict[str, nn.Module]:
         return {n: m for n, m in self.base_model.named_modules() if isinstance(m, self.layer_type)}
 
+    def saved_modules(self) -> dict[str, ModuleToSave]:
+        """The ``modules_to_save``: base modules trained in full (a trainable copy each), saved with the adapter."""
+        return {n: m for n, m in self.base_model.named_modules() if isinstance(m, ModuleToSave)}
+
+    def adapter_parts(self) -> dict[str, nn.Module]:
+        """Every module whose tensors the adapter files hold, by name: the adapter layers and the modules to save
+        (each wraps a frozen ``base_layer``, which the files leave out)."""
+        return {**self.adapter_layers(), **self.saved_modules()}
+
     def routed_layers(self) -> dict[str, nn.Module]:
         return {n: m for n, m in self.adapter_layers().items() if getattr(m, "routes", True)}
 
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Inside the block the model is exactly the base model."""
-        layers = list(self.adapter_layers().values())
+        layers = list(self.adapter_parts().values())
         before = [layer.disabled for layer in layers]
         for layer in layers:
             layer.disabled = True
@@ -323,17 +336,17 @@ class AdaptedModel(ModelWrapper):
         Trainer's save); KeyError naming the first missing entry."""
         if state_dict is not None:
             return {f"{name}.{k}": state_dict[f"base_model.{name}.{k}"].detach().contiguous().cpu()
-                    for name, layer in self.adapter_layers().items()
+                    for name, layer in self.adapter_parts().items()
                     for k in layer.state_dict(keep_vars=True) if not k.startswith("base_layer.")}
         return {f"{name}.{k}": (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().contiguous().cpu()
-                for name, layer in self.adapter_layers().items()
+                for name, layer in self.adapter_parts().items()
                 for k, v in layer.state_dict().items() if not k.startswith("base_layer.")}
 
     def trainable_outside_adapter(self) -> list[str]:
         """Names of the trainable parameters that the adapter files do not hold (a base weight set trainable by
         hand, e.g. a task head): ``save_pretrained`` leaves them out, and ``SlimTrainer`` then checkpoints the whole
         model instead of the adapter."""
-        inside = {f"base_model.{name}.{k}" for name, layer in self.adapter_layers().items()
+        inside = {f"base_model.{name}.{k}" for name, layer in self.adapter_parts().items()
                   for k, _ in layer.named_parameters() if not k.startswith("base_layer.")}
         return [n for n, p in self.named_parameters() if p.requires_grad and n not in inside]
 
@@ -388,11 +401,12 @@ class AdaptedModel(ModelWrapper):
         if problems:
             raise misfit_error(adapter_dir, f"the saved {now['method']!r} adapter", problems, "adapted model")
         verify_checksum(adapter_dir)
-        load_layer_tensors(self.adapter_layers(), tensors)
+        load_layer_tensors(self.adapter_parts(), tensors)
 
     def unload(self) -> nn.Module:
-        """Put the base layers back (the inverse of injection) and return the base model."""
-        for name in list(self.adapter_layers()):
+        """Put the base layers back (the inverse of injection; the modules to save get their originals back) and
+        return the base model."""
+        for name in list(self.adapter_parts()):
             set_module(self.base_model, name, self.base_model.get_submodule(name).base_layer)
         self._hook.remove()
         return self.base_model
@@ -414,7 +428,7 @@ class SlimModel(AdaptedModel):
     layer_type = SlimLinear
 
     def __init__(self, model: nn.Module, config: SlimConfig, layer_names: list[str]) -> None:
-        super().__init__(model, layer_names, RoutingContext())
+        super().__init__(model, layer_names, RoutingContext(), config.modules_to_save)
         self.slim_config = config
         # ood_source "prepass": each sequence's score from the prompt's scoring pass, for the KV-cache steps after it
         # (d (b,), u (b,) or None, unflagged: merged_inference may merge)
@@ -566,11 +580,11 @@ class SlimModel(AdaptedModel):
         """Load an adapter onto ``model``. Everything is checked before the model is touched."""
         cfg, layers, tensors = read_adapter(adapter_dir)
         check_compatible(model, layers, adapter_dir)
-        _check_tensors(cfg, layers, tensors, adapter_dir)
+        _check_tensors(model, cfg, layers, tensors, adapter_dir)
         verify_checksum(adapter_dir)
         warn_other_base_type(model, adapter_dir)
         slim = inject(model, cfg, list(layers))
-        load_layer_tensors(slim.slim_layers(), tensors)
+        load_layer_tensors(slim.adapter_parts(), tensors)
         slim.train(False)
         if not is_trainable:
             for p in slim.parameters():
@@ -729,9 +743,15 @@ def check_compatible(model: nn.Module, layers: dict[str, list[int]], where: str 
         raise misfit_error(where, "adapter", problems)
 
 
-def _check_tensors(cfg: SlimConfig, layers: dict[str, list[int]], got: dict[str, torch.Tensor], where) -> None:
+def _check_tensors(model: nn.Module, cfg: SlimConfig, layers: dict[str, list[int]], got: dict[str, torch.Tensor],
+                   where) -> None:
+    """The saved tensors must be those of the config's adapter layers and modules to save, shape and dtype."""
     expected = {f"{name}.{key}": spec for name, (d_in, d_out) in layers.items()
                 for key, spec in adapter_tensor_specs(cfg, d_in, d_out).items()}
+    try:
+        expected.update(saved_tensor_specs(model, resolve_modules_to_save(model, cfg.modules_to_save, list(layers))))
+    except ValueError as e:
+        raise ValueError(f"{where}/{CONFIG_NAME}: {e}") from None
     problems = [f"missing tensor {k}" for k in expected if k not in got]
     problems += [f"unexpected tensor {k}" for k in got if k not in expected]
     for k, (shape, dtype) in expected.items():

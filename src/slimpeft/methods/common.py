@@ -169,7 +169,7 @@ class MoeModel(AdaptedModel):
     layer_type = AdapterModule
 
     def __init__(self, model: nn.Module, method: str, config: MethodConfig, layer_names: list[str]) -> None:
-        super().__init__(model, layer_names, MoeContext())
+        super().__init__(model, layer_names, MoeContext(), getattr(config, "modules_to_save", None))
         self.method = method
         self.method_config = config
         self._sample_type: torch.Tensor | None = None
@@ -240,7 +240,7 @@ def load_moe(model: nn.Module, adapter_dir: str | os.PathLike, method: str, conf
         undo()
         raise
     warn_other_base_type(model, adapter_dir)
-    load_layer_tensors(wrapped.adapter_layers(), tensors)
+    load_layer_tensors(wrapped.adapter_parts(), tensors)
     wrapped.train(False)
     if not is_trainable:
         for p in wrapped.parameters():

@@ -5,8 +5,8 @@ LoRA and DoRA use rank 128 (alpha = 256): the same 2r ratio as SLIM's default, a
 8 x rank 16. Every field can be overridden through ``methods.build(name, model, **overrides)``; an unknown name or
 an invalid value raises ValueError naming the field and what is allowed.
 
-Validation is driven by each field's metadata: ``kind`` (int, number, bool, targets, schedule, sample_type) and
-``min`` (the least allowed value; numbers are finite).
+Validation is driven by each field's metadata: ``kind`` (int, number, bool, targets, modules, schedule,
+sample_type) and ``min`` (the least allowed value; numbers are finite).
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
+
+from ..modules_to_save import validate_modules_to_save
 
 
 def _f(default: Any, help: str, kind: str, lo: float | None = None, **kw: Any) -> Any:
@@ -26,6 +28,9 @@ def _f(default: Any, help: str, kind: str, lo: float | None = None, **kw: Any) -
     return field(default=default, metadata=meta)
 
 
+_MODULES_TO_SAVE_HELP = ("Modules besides the adapted layers to train in full and save with the adapter (PEFT's "
+                         "modules_to_save), e.g. ['score'] for a sequence classifier's new head: exact names or "
+                         "dotted suffixes.")
 _TARGETS_HELP = ("Layers to adapt: a string is a regex that must fullmatch the module name; a list holds exact names "
                  "or dotted suffixes. None: the MLP projections of the model family (slimpeft.model.DEFAULT_TARGETS).")
 
@@ -64,6 +69,8 @@ class MethodConfig:
                         or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in v)):
                     errs.append(f"`{f.name}`={v!r} must be a non-empty list of integers >= 1 "
                                 "(experts per depth group)")
+            elif kind == "modules":
+                errs += validate_modules_to_save(v)
             elif kind == "sample_type":
                 if v not in (-1, 0, 1) or isinstance(v, bool):
                     errs.append(f"`{f.name}`={v!r}; allowed: -1 (untyped), 0, 1")
@@ -108,6 +115,7 @@ class LoraMethodConfig(MethodConfig):
     alpha: float = _f(256.0, "LoRA scale numerator: the delta is scaled by alpha / r (2r, as SLIM).", "number", 0)
     dropout: float = _f(0.0, "Dropout on the LoRA input (peft's lora_dropout).", "number", 0)
     target_modules: str | list[str] | None = _f(None, _TARGETS_HELP, "targets")
+    modules_to_save: list[str] | None = _f(None, _MODULES_TO_SAVE_HELP, "modules")
     seed: int = _f(0, "Seed of the adapter initialisation (the global RNG is left untouched).", "int", 0)
 
     def _extra_checks(self) -> list[str]:
@@ -125,6 +133,7 @@ class MoeBaseConfig(MethodConfig):
     n_experts: int = _f(8, "LoRA experts per adapted block/layer (paper comparison: 8).", "int", 1)
     r: int = _f(16, "Rank of every LoRA expert (paper comparison: 16).", "int", 1)
     alpha: float = _f(32.0, "LoRA scale numerator: each expert's delta is scaled by alpha / r.", "number", 0)
+    modules_to_save: list[str] | None = _f(None, _MODULES_TO_SAVE_HELP, "modules")
     seed: int = _f(0, "Seed of adapter and router initialisation (per layer, stable across runs).", "int", 0)
 
 
@@ -207,6 +216,7 @@ class MolaConfig(MethodConfig):
     target_modules: str | list[str] | None = _f(None, _TARGETS_HELP, "targets")
     balance_coef: float = _f(0.0, "c of the optional load-balance loss c * N * sum_i f_i P_i (0: off, as MoLA).",
                              "number", 0)
+    modules_to_save: list[str] | None = _f(None, _MODULES_TO_SAVE_HELP, "modules")
     seed: int = _f(0, "Seed of adapter and router initialisation (per layer, stable across runs).", "int", 0)
 
     def _extra_checks(self) -> list[str]:

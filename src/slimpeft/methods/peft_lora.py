@@ -40,6 +40,7 @@ from ..model import (
     resolve_targets,
     verify_checksum,
 )
+from ..modules_to_save import resolve_modules_to_save
 from .config import LoraMethodConfig
 
 CHECKSUM_FIELD = "weights_sha256"  # the field SLIM and the MoE baselines use (slimpeft.model.verify_checksum)
@@ -100,8 +101,10 @@ def _with_checksum(pm: PeftModel) -> PeftModel:
 def build_peft_lora(model: nn.Module, config: LoraMethodConfig, *, use_dora: bool) -> PeftModel:
     names = resolve_targets(model, config.target_modules)
     conv1d = any(type(model.get_submodule(n)).__name__ == "Conv1D" for n in names)
+    resolve_modules_to_save(model, config.modules_to_save, names)  # our messages for what peft would not refuse
     lcfg = LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=names,
-                      use_dora=use_dora, fan_in_fan_out=conv1d, bias="none")
+                      use_dora=use_dora, fan_in_fan_out=conv1d, bias="none",
+                      modules_to_save=list(config.modules_to_save) if config.modules_to_save else None)
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
         torch.manual_seed(config.seed)
         return _with_checksum(get_peft_model(model, lcfg))
