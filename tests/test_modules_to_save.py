@@ -1,6 +1,6 @@
 """``modules_to_save``: a sequence classifier's new head trains in full next to the adapter, is saved and loaded
-with it, and stays the original inside ``disable_adapter()`` and after ``unload()`` (SLIM, the MoE baselines and
-peft's LoRA)."""
+with it (SLIM, the MoE baselines and peft's LoRA, the same modules matched), is the original inside
+``disable_adapter()`` and ``restore_base()``, and stays trained after ``unload()`` (as PEFT's)."""
 
 from __future__ import annotations
 
@@ -75,9 +75,17 @@ def test_slim_trains_the_head_saves_it_and_disable_adapter_gives_the_original(tm
     after = model.state_dict()
     for k, v in fresh.state_dict().items():
         assert torch.equal(v, after[k]), k
-    # unload: the original head module back in place
+    # unload (as PEFT's): the adapter goes, the trained head stays; restore_base: the model before adaptation
+    trained_logits = logits(model)
     unloaded = model.unload()
-    assert unloaded.score is head.base_layer and torch.equal(logits(unloaded), logits(original))
+    assert unloaded.score is head.trained
+    assert not torch.equal(logits(unloaded), trained_logits)  # the adapter is gone ...
+    with torch.no_grad():  # ... and the head is the trained one: the original's hidden states through it
+        hidden = original.model(input_ids=IDS).last_hidden_state[:, -1]
+    torch.testing.assert_close(logits(unloaded), head.trained(hidden), rtol=0, atol=0)
+    again = get_slim_model(classifier(), SlimConfig(r=4, n_clusters=4, modules_to_save=["score"]))
+    restored = again.restore_base()
+    assert isinstance(restored.score, torch.nn.Linear) and torch.equal(logits(restored), logits(original))
 
 
 def test_without_modules_to_save_the_head_stays_frozen(tmp_path):
@@ -86,16 +94,53 @@ def test_without_modules_to_save_the_head_stays_frozen(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["mixlora", "loramoe", "mola", "lora"])
-def test_baselines_train_save_and_load_the_head(name, tmp_path):
-    original = classifier()
-    model = methods.build(name, classifier(), modules_to_save=["score"])
-    train(model, tmp_path / "run", steps=2)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_baselines_train_save_and_load_the_head(name, dtype, tmp_path):
+    """Saved as float32 whatever the head's dtype, loaded back into a bf16 base's copy as well."""
+    original = classifier().to(dtype)
+    model = methods.build(name, classifier().to(dtype), modules_to_save=["score"])
+    assert model.get_nb_trainable_parameters()[0] == methods.trainable_budget(name, classifier(),
+                                                                              modules_to_save=["score"])
+    if dtype == torch.float32:
+        train(model, tmp_path / "run", steps=2)
+    else:  # a moved head without training (the Trainer refuses bf16 on this CPU-only setup's defaults)
+        with torch.no_grad():
+            next(p for n, p in model.named_parameters() if "score" in n and p.requires_grad).add_(0.5)
     assert "score" in "".join(n for n, p in model.named_parameters() if p.requires_grad)
     model.save_pretrained(tmp_path / "adapter")
-    loaded = methods.load(name, classifier(), tmp_path / "adapter")
+    loaded = methods.load(name, classifier().to(dtype), tmp_path / "adapter")
     got, want = logits(loaded), logits(model)
     assert torch.equal(got, want)
-    assert not torch.allclose(got, logits(original))  # the head (and adapter) moved
+    assert not torch.allclose(got.float(), logits(original).float())  # the head (and adapter) moved
+
+
+@pytest.mark.parametrize("name", ["slim", "mixlora", "lora"])
+def test_every_method_matches_the_same_modules(name):
+    """Dotted suffixes, as target_modules: 'norm' is the final norm only, never 'input_layernorm' (peft alone
+    matches any string suffix)."""
+    model = methods.build(name, classifier(), modules_to_save=["norm"])
+    trained = sorted(n for n, p in model.named_parameters() if p.requires_grad and "norm" in n)
+    assert len(trained) == 1 and "layernorm" not in trained[0] and trained[0].endswith("weight")
+
+
+def test_the_scoring_pass_reads_the_base_modules_not_their_trained_copies():
+    """ood_source='prepass' scores the frozen base's hidden states: a trained copy of a module in front of the
+    adapted layers (here the embedding) does not move the score, as the adapter's weights do not."""
+    from slimpeft import RECOMMENDED_ROUTING
+
+    model = get_slim_model(classifier(), SlimConfig(r=4, n_clusters=4, modules_to_save=["embed_tokens"],
+                                                    **RECOMMENDED_ROUTING))
+    model.train()
+    model(input_ids=IDS)  # fits the clusters on the base's hidden states
+    model.eval()
+
+    def score():
+        return {n: s.ood_score for n, s in model.routing_stats(input_ids=IDS).items()}
+
+    before = score()
+    with torch.no_grad():
+        model.base_model.model.embed_tokens.trained.weight.mul_(3.0)
+    assert score() == before
 
 
 def test_bad_modules_to_save_are_refused_with_the_reason(tmp_path):
@@ -119,5 +164,11 @@ def test_bad_modules_to_save_are_refused_with_the_reason(tmp_path):
     before = {k: v.clone() for k, v in lm.state_dict().items()}
     with pytest.raises(ValueError, match=r"adapter_config.json: `modules_to_save` entry 'score' matches no module"):
         SlimModel.from_pretrained(lm, tmp_path / "a")
+    five = classifier()
+    five.score = torch.nn.Linear(32, 5, bias=False)  # another number of labels: the base does not fit the file
+    with pytest.raises(ValueError, match=r"a: the saved modules_to_save does not fit this base model \(nothing was "
+                                         r"changed\):\n  score.trained.weight: \(3, 32\) in the adapter, this base "
+                                         r"model's module has \(5, 32\)"):
+        SlimModel.from_pretrained(five, tmp_path / "a")
     after = lm.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(v, before[k]) for k, v in after.items())

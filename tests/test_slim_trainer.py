@@ -172,3 +172,22 @@ def test_parameters_trained_outside_the_adapter_are_checkpointed_with_the_whole_
     with caplog.at_level("WARNING", logger="slimpeft"):
         model.save_pretrained(tmp_path / "adapter")
     assert "1 trainable parameter(s) outside the adapter are not saved with it" in caplog.text
+
+
+def test_resuming_an_adapter_checkpoint_with_a_parameter_set_trainable_since(tmp_path, caplog):
+    """The checkpoint holds the adapter only (nothing else trained when it was written); a model that now also trains
+    a base weight resumes the adapter from it, the other weight from its current values, with a warning."""
+    model = build("slim")
+    SlimTrainer(model=model, args=targs(tmp_path / "a", steps=2), train_dataset=Records()).train()
+    ckpt = tmp_path / "a" / "checkpoint-2"
+    assert (ckpt / "adapter_config.json").is_file()
+    fresh = build("slim")
+    fresh.base_model.lm_head.weight.requires_grad_(True)
+    with caplog.at_level("WARNING", logger="slimpeft"):
+        SlimTrainer(model=fresh, args=targs(tmp_path / "b", steps=2), train_dataset=Records())._load_from_checkpoint(
+            str(ckpt))
+    assert "holds the adapter only: 1 trainable parameter(s) outside it (e.g. ['base_model.lm_head.weight'])" \
+        in caplog.text
+    want = model.adapter_state_dict()
+    for k, v in fresh.adapter_state_dict().items():
+        assert torch.equal(v, want[k]), k

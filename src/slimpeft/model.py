@@ -396,18 +396,27 @@ class AdaptedModel(ModelWrapper):
         differ = sorted(k for k in set(saved) | set(now["layers"]) if saved.get(k) != now["layers"].get(k))
         if differ:
             problems.append(f"{len(differ)} adapted layer(s) differ from the saved `layers` (e.g. {differ[:3]})")
-        expected = {k: v.float() if v.is_floating_point() else v for k, v in self.adapter_state_dict().items()}
-        problems += tensor_problems(expected, tensors)  # saved as float32 whatever the adapter's dtype
+        problems += tensor_problems(self.adapter_state_dict(), tensors)
         if problems:
             raise misfit_error(adapter_dir, f"the saved {now['method']!r} adapter", problems, "adapted model")
         verify_checksum(adapter_dir)
         load_layer_tensors(self.adapter_parts(), tensors)
 
     def unload(self) -> nn.Module:
-        """Put the base layers back (the inverse of injection; the modules to save get their originals back) and
-        return the base model."""
-        for name in list(self.adapter_parts()):
-            set_module(self.base_model, name, self.base_model.get_submodule(name).base_layer)
+        """Put the base layers back, dropping the adapter, and return the base model; as PEFT's ``unload``, a module
+        to save keeps its trained copy (a classifier keeps its trained head). ``restore_base`` puts the originals
+        back instead."""
+        return self._remove(trained=True)
+
+    def restore_base(self) -> nn.Module:
+        """Put every original module back -- the adapted layers' base layers and the modules to save's originals --
+        and return the base model as it was before adaptation."""
+        return self._remove(trained=False)
+
+    def _remove(self, trained: bool) -> nn.Module:
+        for name, part in self.adapter_parts().items():
+            keep = part.trained if trained and isinstance(part, ModuleToSave) else part.base_layer
+            set_module(self.base_model, name, keep)
         self._hook.remove()
         return self.base_model
 
@@ -504,6 +513,9 @@ class SlimModel(AdaptedModel):
         for layer, mode in layer_modes:
             layer.train(mode)
         ctx.phase, ctx.carried_score, ctx.carried_u, ctx.score_lead = "score", None, None, (b, t)
+        saved = [(m, m.disabled) for m in self.saved_modules().values()]  # the base's own modules, not the copies
+        for m, _ in saved:
+            m.disabled = True
         try:
             with torch.no_grad():
                 module(*args, **kw)
@@ -512,6 +524,8 @@ class SlimModel(AdaptedModel):
             ctx.phase, ctx.score_lead = "route", None
             for m, mode in modes:
                 m.training = mode
+            for m, disabled in saved:
+                m.disabled = disabled
         ctx.reset(ctx.attention_mask, ctx.past)
         if d is None:  # no layer scored (no identity experts): nothing to yield
             d = torch.zeros(b * t, device=ids.device)
@@ -698,13 +712,20 @@ def read_adapter(adapter_dir: str | os.PathLike) -> tuple[SlimConfig, dict[str, 
     return cfg, layers, tensors
 
 
+def _saved_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype ``save_pretrained`` writes a tensor in: float32 for every floating dtype (lossless, and loading
+    casts back to the parameter's), else its own."""
+    return torch.float32 if t.is_floating_point() else t.dtype
+
+
 def tensor_problems(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> list[str]:
-    """What keeps the saved tensors ``got`` from replacing ``expected`` (an ``adapter_state_dict``): missing and
-    unexpected names, other shapes or dtypes, non-finite values."""
+    """What keeps the saved tensors ``got`` from replacing ``expected`` (an ``adapter_state_dict``, in whatever dtype
+    the model holds it): missing and unexpected names, other shapes or saved dtypes, non-finite values."""
     problems = [f"missing tensor {k}" for k in expected if k not in got]
     problems += [f"unexpected tensor {k}" for k in got if k not in expected]
-    problems += [f"{k}: {tuple(got[k].shape)} {got[k].dtype}, expected {tuple(v.shape)} {v.dtype}"
-                 for k, v in expected.items() if k in got and (got[k].shape != v.shape or got[k].dtype != v.dtype)]
+    problems += [f"{k}: {tuple(got[k].shape)} {got[k].dtype}, expected {tuple(v.shape)} {_saved_dtype(v)}"
+                 for k, v in expected.items()
+                 if k in got and (got[k].shape != v.shape or got[k].dtype != _saved_dtype(v))]
     problems += [f"{k}: non-finite values" for k, v in got.items() if v.is_floating_point() and not v.isfinite().all()]
     return problems
 
@@ -749,9 +770,14 @@ def _check_tensors(model: nn.Module, cfg: SlimConfig, layers: dict[str, list[int
     expected = {f"{name}.{key}": spec for name, (d_in, d_out) in layers.items()
                 for key, spec in adapter_tensor_specs(cfg, d_in, d_out).items()}
     try:
-        expected.update(saved_tensor_specs(model, resolve_modules_to_save(model, cfg.modules_to_save, list(layers))))
+        saved = saved_tensor_specs(model, resolve_modules_to_save(model, cfg.modules_to_save, list(layers)))
     except ValueError as e:
         raise ValueError(f"{where}/{CONFIG_NAME}: {e}") from None
+    misfits = [f"{k}: {tuple(got[k].shape)} in the adapter, this base model's module has {shape}"
+               for k, (shape, _) in saved.items() if k in got and tuple(got[k].shape) != shape]
+    if misfits:  # the file matches its config; the base model's module does not
+        raise misfit_error(where, "the saved modules_to_save", misfits)
+    expected.update(saved)
     problems = [f"missing tensor {k}" for k in expected if k not in got]
     problems += [f"unexpected tensor {k}" for k in got if k not in expected]
     for k, (shape, dtype) in expected.items():

@@ -42,26 +42,28 @@ class SlimTrainer(Trainer):
     _warned_outside = False
 
     def _adapted(self) -> AdaptedModel | None:
-        """The adapted model behind ``self.model`` when its checkpoints are adapter-only: not under FSDP, and not
-        when parameters outside the adapter train too (set trainable by hand): those would be lost on resume, so the
-        whole model is checkpointed then (a warning names them once)."""
+        """The adapted model (SLIM, an MoE baseline) behind ``self.model``, outside FSDP (whose state-dict types the
+        Trainer saves and loads itself)."""
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        if not isinstance(model, AdaptedModel) or self.is_fsdp_enabled:
-            return None
+        return model if isinstance(model, AdaptedModel) and not self.is_fsdp_enabled else None
+
+    def _saves_adapter_only(self, model: AdaptedModel | None) -> bool:
+        """Not when parameters outside the adapter train too (set trainable by hand): an adapter-only checkpoint
+        would lose them on resume, so the whole model is checkpointed then (a warning names them once)."""
+        if model is None:
+            return False
         outside = model.trainable_outside_adapter()
-        if outside:
-            if not self._warned_outside:
-                logger.warning("%d trainable parameter(s) outside the adapter (e.g. %s): checkpoints hold the whole "
-                               "model's state dict, not the adapter only", len(outside), outside[:3])
-                self._warned_outside = True
-            return None
-        return model
+        if outside and not self._warned_outside:
+            logger.warning("%d trainable parameter(s) outside the adapter (e.g. %s): checkpoints hold the whole "
+                           "model's state dict, not the adapter only", len(outside), outside[:3])
+            self._warned_outside = True
+        return not outside
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """As the Trainer's, but an adapted model writes its adapter (``state_dict``: the whole model's, gathered by
         DeepSpeed ZeRO-3, from which the adapter's entries are taken)."""
         model = self._adapted()
-        if model is None:
+        if not self._saves_adapter_only(model):
             return super()._save(output_dir, state_dict)
         if not self.args.should_save:
             return None
@@ -79,8 +81,12 @@ class SlimTrainer(Trainer):
         if adapted is not None and model in (None, self.model) and _holds_adapter(resume_from_checkpoint):
             logger.info("resuming the adapter from %s", resume_from_checkpoint)
             adapted.load_adapter_checkpoint(resume_from_checkpoint)
+            outside = adapted.trainable_outside_adapter()
+            if outside:  # set trainable after this adapter-only checkpoint was written: it cannot hold them
+                logger.warning("%s holds the adapter only: %d trainable parameter(s) outside it (e.g. %s) resume "
+                               "from their current values", resume_from_checkpoint, len(outside), outside[:3])
             return
-        super()._load_from_checkpoint(resume_from_checkpoint, model)  # full state dicts (older checkpoints)
+        super()._load_from_checkpoint(resume_from_checkpoint, model)  # whole state dicts (also older checkpoints)
 
     def _load_best_model(self) -> None:
         adapted, best = self._adapted(), self.state.best_model_checkpoint

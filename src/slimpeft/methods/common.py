@@ -227,7 +227,7 @@ def load_moe(model: nn.Module, adapter_dir: str | os.PathLike, method: str, conf
     problems += tensor_problems(wrapped.adapter_state_dict(), tensors)
 
     def undo() -> None:
-        wrapped.unload()
+        wrapped.restore_base()
         for p in model.parameters():
             p.requires_grad_(grad_before.get(id(p), p.requires_grad))
 

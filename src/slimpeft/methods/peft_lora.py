@@ -101,10 +101,10 @@ def _with_checksum(pm: PeftModel) -> PeftModel:
 def build_peft_lora(model: nn.Module, config: LoraMethodConfig, *, use_dora: bool) -> PeftModel:
     names = resolve_targets(model, config.target_modules)
     conv1d = any(type(model.get_submodule(n)).__name__ == "Conv1D" for n in names)
-    resolve_modules_to_save(model, config.modules_to_save, names)  # our messages for what peft would not refuse
+    # full names, resolved as for the other methods (peft would match any string suffix: "norm" -> "input_layernorm")
+    to_save = resolve_modules_to_save(model, config.modules_to_save, names)
     lcfg = LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=names,
-                      use_dora=use_dora, fan_in_fan_out=conv1d, bias="none",
-                      modules_to_save=list(config.modules_to_save) if config.modules_to_save else None)
+                      use_dora=use_dora, fan_in_fan_out=conv1d, bias="none", modules_to_save=to_save or None)
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
         torch.manual_seed(config.seed)
         return _with_checksum(get_peft_model(model, lcfg))

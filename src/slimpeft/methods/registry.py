@@ -21,6 +21,7 @@ from torch import nn
 from ..config import SlimConfig
 from ..layer import base_shape
 from ..model import SlimModel, check_not_adapted, get_slim_model, resolve_targets, slim_targets
+from ..modules_to_save import resolve_modules_to_save
 from .common import load_moe
 from .config import (
     DoraMethodConfig,
@@ -160,8 +161,12 @@ def load(name: str, model: nn.Module, adapter_dir: str | os.PathLike, *, is_trai
 
 
 def trainable_budget(name: str, model: nn.Module, **overrides: Any) -> int:
-    """Trainable parameters ``build(name, model, **overrides)`` would have, computed from layer shapes only."""
-    return _method(name).trainable(model, make_config(name, **overrides))
+    """Trainable parameters ``build(name, model, **overrides)`` would have, computed from layer shapes only (the
+    modules to save counted whole: each trains as a copy)."""
+    cfg = make_config(name, **overrides)
+    saved = resolve_modules_to_save(model, getattr(cfg, "modules_to_save", None), [])
+    return _method(name).trainable(model, cfg) + sum(p.numel() for n in saved
+                                                     for p in model.get_submodule(n).parameters())
 
 
 def budget_overrides(name: str, model: nn.Module, slim_config: SlimConfig | None = None) -> dict[str, Any]:
