@@ -172,3 +172,23 @@ def test_bad_modules_to_save_are_refused_with_the_reason(tmp_path):
         SlimModel.from_pretrained(five, tmp_path / "a")
     after = lm.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(v, before[k]) for k, v in after.items())
+
+
+def test_peft_lora_says_which_modules_its_suffix_matching_adds(caplog):
+    """peft matches modules_to_save by plain string suffix: DistilBERT's top-level 'classifier' also takes its
+    'pre_classifier', which no name given to peft avoids; the build says so (the other methods train 'classifier'
+    only)."""
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    def distilbert():
+        torch.manual_seed(0)
+        return DistilBertForSequenceClassification(DistilBertConfig(vocab_size=97, dim=32, n_layers=1, n_heads=4,
+                                                                    hidden_dim=64, num_labels=3))
+
+    with caplog.at_level("WARNING", logger="slimpeft"):
+        lora = methods.build("lora", distilbert(), modules_to_save=["classifier"], target_modules=["lin1", "lin2"])
+    assert "besides ['classifier'] it also trains ['pre_classifier'] in full" in caplog.text
+    assert any("pre_classifier" in n for n, p in lora.named_parameters() if p.requires_grad)
+    slim = methods.build("slim", distilbert(), modules_to_save=["classifier"], target_modules=["lin1", "lin2"])
+    assert [n for n, p in slim.named_parameters() if p.requires_grad and "classifier" in n] == \
+        ["base_model.classifier.trained.weight", "base_model.classifier.trained.bias"]

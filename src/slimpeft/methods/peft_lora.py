@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import inspect
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -107,7 +108,15 @@ def build_peft_lora(model: nn.Module, config: LoraMethodConfig, *, use_dora: boo
                       use_dora=use_dora, fan_in_fan_out=conv1d, bias="none", modules_to_save=to_save or None)
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
         torch.manual_seed(config.seed)
-        return _with_checksum(get_peft_model(model, lcfg))
+        pm = _with_checksum(get_peft_model(model, lcfg))
+    # peft matches modules_to_save by plain string suffix: a top-level name ("classifier") also takes any module whose
+    # name ends with it ("pre_classifier"), which no name given to peft can avoid -- said, not hidden
+    extra = sorted(n[len(_PREFIX):] for n, m in pm.named_modules()
+                   if type(m).__name__ == "ModulesToSaveWrapper" and n[len(_PREFIX):] not in to_save)
+    if extra:
+        logging.getLogger("slimpeft").warning(
+            "peft matches modules_to_save by string suffix: besides %s it also trains %s in full", to_save, extra)
+    return pm
 
 
 # ============================================================================================== loading
