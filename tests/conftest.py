@@ -79,3 +79,12 @@ def tiny_base(tmp_path_factory):
     return pretrain(PretrainArgs(out=str(out), vocab_size=400, hidden_size=32, intermediate_size=64, num_layers=2,
                                  num_heads=2, steps=30, batch_size=16, lr=1e-2, warmup_steps=5, extra_nouns=0,
                                  elements_repeat=1, eval_limit=2, log_every=10, progress=False, threads=0))
+
+
+@pytest.fixture(scope="module")
+def base_and_data(tmp_path_factory):
+    """A tiny saved base model and a JSONL training file (train_helpers), once per test module."""
+    from train_helpers import save_tiny_base, write_data
+
+    d = tmp_path_factory.mktemp("base_and_data")
+    return save_tiny_base(d / "base"), write_data(d / "data.jsonl")

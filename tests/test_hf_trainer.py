@@ -23,12 +23,12 @@ class Records(torch.utils.data.Dataset):
                 "source": torch.tensor(i)}  # a column no model takes: the Trainer drops it
 
 
-def args(out, steps: int):
+def args(out, steps: int = 4, **kw):
     from transformers import TrainingArguments
 
     return TrainingArguments(output_dir=str(out), max_steps=steps, per_device_train_batch_size=4, save_steps=2,
                              learning_rate=1e-2, report_to=[], use_cpu=True, logging_steps=1, disable_tqdm=True,
-                             seed=0)
+                             seed=0, **kw)
 
 
 def test_wrapped_forward_reports_the_base_models_signature():

@@ -33,12 +33,6 @@ ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner(env={"COLUMNS": "200"})
 
 
-@pytest.fixture(scope="module")
-def base_and_data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("robust")
-    return save_tiny_base(d / "base"), write_data(d / "data.jsonl")
-
-
 _args = tiny_train_args
 
 

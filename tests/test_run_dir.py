@@ -21,12 +21,6 @@ ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner(env={"COLUMNS": "200"})
 
 
-@pytest.fixture(scope="module")
-def base_and_data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("rundir")
-    return save_tiny_base(d / "base"), write_data(d / "data.jsonl")
-
-
 def _args(base, data, out, **kw) -> TrainArgs:
     return tiny_train_args(base, data, out, **{"steps": 4, **kw})
 

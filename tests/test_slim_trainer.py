@@ -11,18 +11,11 @@ import torch
 from conftest import tiny_llama
 from safetensors.torch import load_file
 from test_hf_trainer import Records
+from test_hf_trainer import args as targs
 
 from slimpeft import SlimTrainer, methods
 
 ADAPTED = ["slim", "mixlora", "loramoe", "mola"]
-
-
-def targs(out, steps: int = 4, **kw):
-    from transformers import TrainingArguments
-
-    return TrainingArguments(output_dir=str(out), max_steps=steps, per_device_train_batch_size=4, save_steps=2,
-                             learning_rate=1e-2, report_to=[], use_cpu=True, logging_steps=1, disable_tqdm=True,
-                             seed=0, **kw)
 
 
 def build(name: str, **overrides):
