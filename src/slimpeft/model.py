@@ -34,7 +34,7 @@ from torch import nn
 
 from .config import SlimConfig
 from .layer import RoutingContext, SlimLinear, adapter_tensor_specs, base_shape, query_token_mask
-from .modules_to_save import ModuleToSave, resolve_modules_to_save, saved_tensor_specs
+from .modules_to_save import ModuleToSave, resolve_modules_to_save
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -396,7 +396,7 @@ class AdaptedModel(ModelWrapper):
         differ = sorted(k for k in set(saved) | set(now["layers"]) if saved.get(k) != now["layers"].get(k))
         if differ:
             problems.append(f"{len(differ)} adapted layer(s) differ from the saved `layers` (e.g. {differ[:3]})")
-        problems += tensor_problems(self.adapter_state_dict(), tensors)
+        problems += tensor_problems(saved_specs(self.adapter_state_dict()), tensors)
         if problems:
             raise misfit_error(adapter_dir, f"the saved {now['method']!r} adapter", problems, "adapted model")
         verify_checksum(adapter_dir)
@@ -718,14 +718,30 @@ def _saved_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float32 if t.is_floating_point() else t.dtype
 
 
-def tensor_problems(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> list[str]:
-    """What keeps the saved tensors ``got`` from replacing ``expected`` (an ``adapter_state_dict``, in whatever dtype
-    the model holds it): missing and unexpected names, other shapes or saved dtypes, non-finite values."""
+Spec = tuple[tuple[int, ...], torch.dtype]  # (shape, dtype) of a tensor in an adapter file
+
+
+def saved_specs(state: dict[str, torch.Tensor]) -> dict[str, Spec]:
+    """(shape, dtype) of each tensor as ``save_pretrained`` writes it (an ``adapter_state_dict`` in whatever dtype
+    the model holds it)."""
+    return {k: (tuple(v.shape), _saved_dtype(v)) for k, v in state.items()}
+
+
+def saved_tensor_specs(model: nn.Module, names: list[str]) -> dict[str, Spec]:
+    """Specs of every tensor the adapter file holds for the modules to save ``names`` of the unwrapped ``model``:
+    their state dict under ``<name>.trained.``."""
+    return {f"{name}.trained.{k}": spec for name in names
+            for k, spec in saved_specs(model.get_submodule(name).state_dict()).items()}
+
+
+def tensor_problems(expected: dict[str, Spec], got: dict[str, torch.Tensor]) -> list[str]:
+    """What keeps the saved tensors ``got`` from replacing tensors of specs ``expected``: missing and unexpected
+    names, other shapes or dtypes, non-finite values."""
     problems = [f"missing tensor {k}" for k in expected if k not in got]
     problems += [f"unexpected tensor {k}" for k in got if k not in expected]
-    problems += [f"{k}: {tuple(got[k].shape)} {got[k].dtype}, expected {tuple(v.shape)} {_saved_dtype(v)}"
-                 for k, v in expected.items()
-                 if k in got and (got[k].shape != v.shape or got[k].dtype != _saved_dtype(v))]
+    problems += [f"{k}: {tuple(got[k].shape)} {got[k].dtype}, expected {shape} {dtype}"
+                 for k, (shape, dtype) in expected.items()
+                 if k in got and (tuple(got[k].shape) != shape or got[k].dtype != dtype)]
     problems += [f"{k}: non-finite values" for k, v in got.items() if v.is_floating_point() and not v.isfinite().all()]
     return problems
 
@@ -778,12 +794,7 @@ def _check_tensors(model: nn.Module, cfg: SlimConfig, layers: dict[str, list[int
     if misfits:  # the file matches its config; the base model's module does not
         raise misfit_error(where, "the saved modules_to_save", misfits)
     expected.update(saved)
-    problems = [f"missing tensor {k}" for k in expected if k not in got]
-    problems += [f"unexpected tensor {k}" for k in got if k not in expected]
-    for k, (shape, dtype) in expected.items():
-        if k in got and (tuple(got[k].shape) != shape or got[k].dtype != dtype):
-            problems.append(f"{k}: {tuple(got[k].shape)} {got[k].dtype}, expected {shape} {dtype}")
-    problems += [f"{k}: non-finite values" for k, v in got.items() if v.is_floating_point() and not v.isfinite().all()]
+    problems = tensor_problems(expected, got)
     if problems:
         raise ValueError(f"{where}/{WEIGHTS_NAME}: does not match its config (nothing was changed):\n  "
                          + "\n  ".join(problems[:10]) + (f"\n  ... {len(problems) - 10} more" if len(problems) > 10

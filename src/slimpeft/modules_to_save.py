@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-import torch
 from torch import nn
 
 
@@ -75,9 +74,3 @@ def resolve_modules_to_save(model: nn.Module, entries: list[str] | None, adapted
         raise ValueError("\n".join(problems))
     return found
 
-
-def saved_tensor_specs(model: nn.Module, names: list[str]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """(shape, dtype) of every tensor the adapter file holds for the modules ``names`` of the unwrapped ``model``:
-    their state dict under ``<name>.trained.``, floating point saved as float32 (as every adapter tensor)."""
-    return {f"{name}.trained.{k}": (tuple(v.shape), torch.float32 if v.is_floating_point() else v.dtype)
-            for name in names for k, v in model.get_submodule(name).state_dict().items()}

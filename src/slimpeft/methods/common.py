@@ -32,6 +32,7 @@ from ..model import (
     load_layer_tensors,
     misfit_error,
     read_method_dir,
+    saved_specs,
     tensor_problems,
     verify_checksum,
     warn_other_base_type,
@@ -224,7 +225,7 @@ def load_moe(model: nn.Module, adapter_dir: str | os.PathLike, method: str, conf
         diff = sorted(set(saved_layers) ^ set(built))[:3]
         problems.append(f"adapted layers differ: saved {len(saved_layers)}, this base model gives {len(built)} "
                         f"(e.g. {diff})")
-    problems += tensor_problems(wrapped.adapter_state_dict(), tensors)
+    problems += tensor_problems(saved_specs(wrapped.adapter_state_dict()), tensors)
 
     def undo() -> None:
         wrapped.restore_base()
