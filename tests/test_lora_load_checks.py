@@ -1,6 +1,7 @@
-"""LoRA and DoRA (peft) adapters: a SHA-256 of the weights is recorded on saving, and everything is checked - with the
-base model untouched - before peft loads them: damaged/tampered files and base models that do not fit are refused
-with a ValueError naming the file and the key."""
+"""LoRA and DoRA (peft) adapters: a SHA-256 of the tensors is recorded on saving (in the weights file's header, so
+that adapter_config.json stays exactly peft's), and everything is checked - with the base model untouched - before
+peft loads them: damaged/tampered files and base models that do not fit are refused with a ValueError naming the
+file and the key."""
 
 from __future__ import annotations
 
@@ -12,8 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
 
 from slimpeft import methods
+from slimpeft.methods.peft_lora import CHECKSUM_KEY
+from slimpeft.model import safetensors_metadata, tensors_sha256
 
 H, INTER = 32, 64
 WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
@@ -48,6 +52,10 @@ def _perturb(model) -> None:
         for name, p in model.named_parameters():
             if "lora_B" in name or "lora_magnitude_vector" in name:
                 p.add_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def _checksum(path: Path) -> str | None:
+    return safetensors_metadata(path / WEIGHTS).get(CHECKSUM_KEY)
 
 
 def _save(method: str, path: Path, ids: torch.Tensor) -> torch.Tensor:
@@ -86,17 +94,22 @@ def test_round_trip_records_the_checksum_and_gives_identical_logits(method, ids,
     text = (tmp_path / CONFIG).read_text()
     meta = json.loads(text)
     assert text == json.dumps(meta, indent=2, sort_keys=True)  # still peft's layout: sorted keys
-    assert meta["weights_sha256"] == hashlib.sha256((tmp_path / WEIGHTS).read_bytes()).hexdigest()
+    assert "weights_sha256" not in meta  # the config is peft's alone
+    tensors = load_file(tmp_path / WEIGHTS)
+    assert _checksum(tmp_path) == tensors_sha256(tensors) and len(_checksum(tmp_path)) == 64
+    assert safetensors_metadata(tmp_path / WEIGHTS)["format"] == "pt"  # peft's own metadata kept
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         loaded = methods.load(method, tiny_llama(), tmp_path)
-    assert not [w for w in caught if "weights_sha256" in str(w.message)]  # peft never sees the extra field
+        plain = PeftModel.from_pretrained(tiny_llama(), str(tmp_path))  # what a user of plain peft does
+    assert not [w for w in caught if "Unexpected keyword" in str(w.message)], [str(w.message) for w in caught]
     assert isinstance(loaded, PeftModel) and not loaded.training
     assert torch.equal(_logits(loaded, ids), before)
+    assert torch.equal(_logits(plain, ids), before)
     assert not torch.equal(before, _logits(tiny_llama(), ids))  # the adapter does change the outputs
     # a loaded adapter saved again records the checksum too (and loads back the same)
     loaded.save_pretrained(tmp_path / "again")
-    assert json.loads((tmp_path / "again" / CONFIG).read_text())["weights_sha256"]
+    assert _checksum(tmp_path / "again") == _checksum(tmp_path)
     assert torch.equal(_logits(methods.load(method, tiny_llama(), tmp_path / "again"), ids), before)
 
 
@@ -137,6 +150,19 @@ def test_tampered_weights_are_refused_by_the_checksum(method, ids, tmp_path):
     b = bytearray(w.read_bytes())
     b[-4] ^= 1  # one mantissa bit of the last float: still a well-formed file with the right shapes
     w.write_bytes(bytes(b))
+    _refused(method, tiny_llama(), tmp_path, r"adapter_model\.safetensors: SHA-256 of the tensors differs from "
+             r"`slimpeft_tensors_sha256` in the file's header")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_older_slimpeft_checksum_in_the_config_is_still_checked(method, ids, tmp_path):
+    before = _save(method, tmp_path, ids)
+    save_file(load_file(tmp_path / WEIGHTS), tmp_path / WEIGHTS, metadata={"format": "pt"})  # as slimpeft wrote it
+    meta = json.loads((tmp_path / CONFIG).read_text())
+    digest = hashlib.sha256((tmp_path / WEIGHTS).read_bytes()).hexdigest()
+    (tmp_path / CONFIG).write_text(json.dumps({**meta, "weights_sha256": digest}, indent=2, sort_keys=True))
+    assert torch.equal(_logits(methods.load(method, tiny_llama(), tmp_path), ids), before)
+    (tmp_path / CONFIG).write_text(json.dumps({**meta, "weights_sha256": "0" * 64}, indent=2, sort_keys=True))
     _refused(method, tiny_llama(), tmp_path, r"adapter_model\.safetensors: SHA-256 differs from `weights_sha256`")
 
 
@@ -166,8 +192,6 @@ def test_missing_weights_and_bad_config_are_refused(method, ids, tmp_path):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_non_finite_tensors_are_refused(method, ids, tmp_path):
-    from safetensors.torch import load_file, save_file
-
     _save(method, tmp_path, ids)
     tensors = load_file(tmp_path / WEIGHTS)
     key = sorted(k for k in tensors if "lora_B" in k)[0]
@@ -177,11 +201,12 @@ def test_non_finite_tensors_are_refused(method, ids, tmp_path):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_adapter_without_checksum_still_loads(method, ids, tmp_path):
+def test_adapter_saved_again_by_plain_peft_still_loads(method, ids, tmp_path):
     before = _save(method, tmp_path, ids)
-    meta = json.loads((tmp_path / CONFIG).read_text())
-    del meta["weights_sha256"]  # as an older slimpeft wrote it
-    (tmp_path / CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    plain = PeftModel.from_pretrained(tiny_llama(), str(tmp_path))
+    PeftModel.save_pretrained(plain, str(tmp_path))  # plain peft writes into the same folder: no stale checksum left
+    assert _checksum(tmp_path) is None
+    assert "weights_sha256" not in json.loads((tmp_path / CONFIG).read_text())
     assert torch.equal(_logits(methods.load(method, tiny_llama(), tmp_path), ids), before)
 
 
@@ -193,7 +218,7 @@ def test_plain_peft_adapter_still_loads(method, ids, tmp_path):
     _perturb(pm)
     before = _logits(pm, ids)
     PeftModel.save_pretrained(pm, str(tmp_path))  # peft's own writer: no checksum
-    assert "weights_sha256" not in json.loads((tmp_path / CONFIG).read_text())
+    assert "weights_sha256" not in json.loads((tmp_path / CONFIG).read_text()) and _checksum(tmp_path) is None
     loaded = methods.load(method, tiny_llama(), tmp_path)
     assert torch.equal(_logits(loaded, ids), before)
     assert type(loaded).__name__ == "ChecksumPeftModelForCausalLM"
@@ -206,5 +231,5 @@ def test_save_pretrained_passes_peft_arguments_through(method, ids, tmp_path):
     assert not (tmp_path / "rank1" / WEIGHTS).exists()
     # the Trainer's call (checkpoints and the final adapter of slimpeft.training)
     model.save_pretrained(tmp_path / "sd", state_dict=model.state_dict(), safe_serialization=True)
-    assert json.loads((tmp_path / "sd" / CONFIG).read_text())["weights_sha256"]
+    assert _checksum(tmp_path / "sd") == tensors_sha256(load_file(tmp_path / "sd" / WEIGHTS))
     methods.load(method, tiny_llama(), tmp_path / "sd")

@@ -619,6 +619,27 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order: the same for the same tensors whatever
+    the file's layout or header metadata (a checksum that can live inside the file it checks)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous().reshape(-1)
+        h.update(json.dumps([name, str(t.dtype), list(tensors[name].shape)]).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def safetensors_metadata(wpath: Path) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file's header ({} when it has none); ValueError naming the file when it
+    is unreadable."""
+    try:
+        with safe_open(str(wpath), framework="pt", device="cpu") as f:
+            return dict(f.metadata() or {})
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
+        raise ValueError(f"{wpath}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+
+
 def _default_file_mode() -> int:
     umask = os.umask(0)
     os.umask(umask)

@@ -6,18 +6,20 @@ per-output-channel magnitude initialised to the column norms of W (peft's ``use_
 
 Targets default to the family's MLP projections (slimpeft.model.DEFAULT_TARGETS), as SLIM; GPT-2's Conv1D layers
 get ``fan_in_fan_out=True``. Save/load: peft's own ``save_pretrained`` (adapter_config.json with sorted keys +
-adapter_model.safetensors), to which the models built or loaded here add ``weights_sha256`` (the SHA-256 of the
-weights file, as SLIM and the MoE baselines record it), and ``PeftModel.from_pretrained`` - called only after
-``load_peft_lora`` has read the weights with safetensors, checked every tensor against the base model's layers and
-verified the checksum (adapters saved without one, by plain peft or an older slimpeft, still load), so that a
-refused load leaves the base model untouched.
+adapter_model.safetensors), after which the models built or loaded here record ``slimpeft_tensors_sha256`` (the
+SHA-256 of the tensors, slimpeft.model.tensors_sha256) in the weights file's safetensors header metadata -- not in
+adapter_config.json, which stays exactly peft's (plain peft warns about any key its LoraConfig lacks), and not in a
+file beside it (plain peft saving again into the folder would leave that stale; it drops the header's entry) -- and
+``PeftModel.from_pretrained`` - called only after ``load_peft_lora`` has read the weights with safetensors, checked
+every tensor against the base model's layers and verified the checksum (adapters saved without one, by plain peft,
+still load; those of slimpeft before 2026-12-05 kept ``weights_sha256``, the file's SHA-256, in adapter_config.json,
+which is still checked), so that a refused load leaves the base model untouched.
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
-import json
 import logging
 import os
 from pathlib import Path
@@ -26,6 +28,7 @@ from typing import Any
 import torch
 from peft import LoraConfig, PeftModel, PeftModelForCausalLM, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
+from safetensors.torch import save_file
 from torch import nn
 
 from ..layer import base_shape
@@ -33,37 +36,46 @@ from ..model import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     atomic_write,
-    file_sha256,
     is_adaptable,
     misfit_error,
     read_json,
     read_safetensors,
     resolve_targets,
+    safetensors_metadata,
+    tensors_sha256,
     verify_checksum,
 )
 from ..modules_to_save import resolve_modules_to_save
 from .config import LoraMethodConfig
 
-CHECKSUM_FIELD = "weights_sha256"  # the field SLIM and the MoE baselines use (slimpeft.model.verify_checksum)
+LEGACY_CHECKSUM_FIELD = "weights_sha256"  # in adapter_config.json, as slimpeft wrote it before (and SLIM does)
+CHECKSUM_KEY = "slimpeft_tensors_sha256"  # in the weights file's safetensors header metadata
 _PREFIX = "base_model.model."  # peft's state-dict prefix of the wrapped model's module names
 
 
 # ============================================================================================== saving
 def record_checksum(adapter_dir: str | os.PathLike) -> None:
-    """Add the weights file's SHA-256 to the adapter_config.json peft wrote beside it (sorted keys, as peft writes
-    it; atomic). No-op where either file is missing (peft's pickle format, ``safe_serialization=False``)."""
-    d = Path(adapter_dir)
-    cpath, wpath = d / CONFIG_NAME, d / WEIGHTS_NAME
-    if not (cpath.is_file() and wpath.is_file()):
+    """Rewrite the weights file peft wrote with the tensors' SHA-256 added to its header metadata (the tensors and
+    peft's own metadata unchanged; atomic). No-op where it is missing (``safe_serialization=False``: pickle)."""
+    wpath = Path(adapter_dir) / WEIGHTS_NAME
+    if not wpath.is_file():
         return
-    meta = read_json(cpath)
-    meta[CHECKSUM_FIELD] = file_sha256(wpath)
-    atomic_write(cpath, lambda p: Path(p).write_text(json.dumps(meta, indent=2, sort_keys=True)))
+    tensors = read_safetensors(wpath)
+    meta = {**safetensors_metadata(wpath), CHECKSUM_KEY: tensors_sha256(tensors)}
+    atomic_write(wpath, lambda p: save_file(tensors, p, metadata=meta))
+
+
+def verify_tensor_checksum(wpath: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """``tensors`` (read from ``wpath``) must hash to the SHA-256 its header records, when it records one."""
+    expected = safetensors_metadata(wpath).get(CHECKSUM_KEY)
+    if expected is not None and expected != tensors_sha256(tensors):
+        raise ValueError(f"{wpath}: SHA-256 of the tensors differs from `{CHECKSUM_KEY}` in the file's header: the "
+                         "weights were changed or damaged after saving (nothing was loaded); save the adapter again")
 
 
 class _ChecksumOnSave:
-    """Mixed into peft's model class: ``save_pretrained`` is peft's, then records ``weights_sha256`` in each saved
-    adapter's config. Same signature as peft's (the Trainer passes ``state_dict``/``safe_serialization``)."""
+    """Mixed into peft's model class: ``save_pretrained`` is peft's, then records the tensors' SHA-256 in each saved
+    adapter's weights file. Same signature as peft's (the Trainer passes ``state_dict``/``safe_serialization``)."""
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
         peft_save = super().save_pretrained  # type: ignore[misc]
@@ -79,7 +91,7 @@ class _ChecksumOnSave:
 
 
 class ChecksumPeftModel(_ChecksumOnSave, PeftModel):
-    """peft's PeftModel (what ``build``/``load`` give for lora and dora) whose save records ``weights_sha256``."""
+    """peft's PeftModel (what ``build``/``load`` give for lora and dora) whose save records the checksum."""
 
 
 class ChecksumPeftModelForCausalLM(_ChecksumOnSave, PeftModelForCausalLM):
@@ -130,10 +142,10 @@ def _read_config(cpath: Path, method: str, use_dora: bool) -> LoraConfig:
             ("dora" if meta.get("use_dora") else "lora") if isinstance(meta, dict) and meta.get("peft_type") == "LORA"
             else "not a peft LoRA adapter")
         raise ValueError(f"{cpath}: holds {got!r}; expected {method!r}")
-    checksum = meta.get(CHECKSUM_FIELD)
+    checksum = meta.get(LEGACY_CHECKSUM_FIELD)
     if checksum is not None and not isinstance(checksum, str):
-        raise ValueError(f"{cpath}: `{CHECKSUM_FIELD}` must be a hex string, got {checksum!r}")
-    kwargs = {k: v for k, v in meta.items() if k not in (CHECKSUM_FIELD, "runtime_config")}
+        raise ValueError(f"{cpath}: `{LEGACY_CHECKSUM_FIELD}` must be a hex string, got {checksum!r}")
+    kwargs = {k: v for k, v in meta.items() if k not in (LEGACY_CHECKSUM_FIELD, "runtime_config")}
     try:
         return LoraConfig.from_peft_type(**LoraConfig.check_kwargs(**kwargs))
     except (TypeError, ValueError) as e:
@@ -261,13 +273,15 @@ def load_peft_lora(model: nn.Module, adapter_dir: str | os.PathLike, *, use_dora
                    is_trainable: bool = False) -> PeftModel:
     """PeftModel.from_pretrained, after checking - with the base model untouched - that the directory holds a
     readable LoRA (or DoRA) adapter whose tensors fit ``model`` layer by layer and whose weights file matches the
-    ``weights_sha256`` recorded at saving (when there is one). ValueError naming the file otherwise."""
+    checksum recorded at saving (when there is one). ValueError naming the file otherwise."""
     method = "dora" if use_dora else "lora"
     d = Path(adapter_dir)
     lcfg = _read_config(d / CONFIG_NAME, method, use_dora)
     tensors = _read_tensors(d / WEIGHTS_NAME, method)
     check_peft_lora_fits(model, lcfg, tensors, d / WEIGHTS_NAME)
-    verify_checksum(d)  # after the structural checks, whose messages are more specific (as SLIM and the MoE methods)
+    # after the structural checks, whose messages are more specific (as SLIM and the MoE methods)
+    verify_tensor_checksum(d / WEIGHTS_NAME, tensors)
+    verify_checksum(d)  # an older slimpeft's `weights_sha256` in adapter_config.json
     del tensors
     pm = PeftModel.from_pretrained(model, str(d), config=lcfg, is_trainable=is_trainable)
     pm.train(False)
