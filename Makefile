@@ -14,7 +14,7 @@ $(PY):
 
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH)"
-	$(PIP) install -q -e ".[test,eval,encoder]"
+	$(PIP) install -q -e ".[test,eval,encoder,quant]"
 	touch $(STAMP)
 
 setup: $(STAMP) debs

@@ -14,7 +14,8 @@ WORDS = ("alpha beta gamma delta apple banana cherry river mountain cloud stone 
 SLIM_SET = ["--set", "r=4", "--set", "n_clusters=4"]  # small SLIM adapters: seconds per run
 
 
-def save_tiny_base(path: Path, seed: int = 0, intermediate_size: int = 64, tie_word_embeddings: bool = False) -> Path:
+def save_tiny_base(path: Path, seed: int = 0, intermediate_size: int = 64, tie_word_embeddings: bool = False,
+                   hidden_size: int = 32) -> Path:
     """Tokenizer (byte-level BPE trained on WORDS) + random LlamaForCausalLM saved to ``path``
     (``tie_word_embeddings``: one matrix for the input embedding and the output head, as GPT-2's)."""
     import torch
@@ -31,7 +32,8 @@ def save_tiny_base(path: Path, seed: int = 0, intermediate_size: int = 64, tie_w
                                   unk_token="<unk>")
     tok.save_pretrained(path)
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=intermediate_size, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=intermediate_size,
+                      num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                       tie_word_embeddings=tie_word_embeddings)

@@ -180,6 +180,9 @@ def train(
     torch_compile: Annotated[str, typer.Option(help="torch.compile backend, 'inductor' (generated kernels) or "
                                                     "'aot_eager'; empty: eager. SLIM compiles to one graph from the "
                                                     "second step on")] = "",
+    quantize: Annotated[str, typer.Option(help="QLoRA: the frozen base quantized by bitsandbytes, nf4 / fp4 (4-bit) "
+                                               "or int8; the adapter stays float32 (pip install 'slimpeft[quant]')")
+                        ] = "",
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
     """Fine-tune a base model with one method; writes the adapter, config, logs and checkpoints to OUT."""
@@ -199,7 +202,7 @@ def train(
                      save_steps=save_steps, logging_steps=logging_steps, sync_check_steps=sync_check_steps,
                      resume=resume, overwrite=overwrite, progress=progress,
                      deepspeed=deepspeed, fsdp_config=fsdp_config, precision=precision,
-                     gradient_checkpointing=gradient_checkpointing, torch_compile=torch_compile)
+                     gradient_checkpointing=gradient_checkpointing, torch_compile=torch_compile, quantize=quantize)
     errs = args.validate()
     if errs:
         _fail("invalid arguments:\n  " + "\n  ".join(errs))
@@ -224,7 +227,7 @@ def eval_(
     from .data.tasks import list_tasks
     from .evaluation.harness import harness_name
     from .report import compare_accuracy, print_accuracy_table
-    from .training import RUN_CONFIG, load_base, load_run
+    from .training import RUN_CONFIG, load_base, load_run, run_quantize
 
     _setup_logging()
     names = tasks.split(",") if tasks else list_tasks()
@@ -247,7 +250,7 @@ def eval_(
             model, tok, cfg = load_run(path)
         except ValueError as e:  # a damaged or mismatched adapter: say what and where, write nothing
             _fail(str(e))
-        base_model, _ = load_base(cfg["args"]["base"])
+        base_model, _ = load_base(cfg["args"]["base"], quantize=run_quantize(cfg["args"], path / RUN_CONFIG))
         summary = compare_accuracy(model, tok, names, base_model=base_model.eval(), limit=limit)
         print_accuracy_table(summary, title=f"{cfg['args']['method']}: base vs tuned ({path})")
         (path / "eval.json").write_text(_json(summary, indent=2, sort_keys=True))

@@ -26,6 +26,7 @@ from .config import SlimConfig
 from .experts import Dispatch, LoraExperts, auto_dispatch, dense_mix, gated_mix, stack_B
 from .masking import apply_fast_masks, dare_delta, dare_mask, fast_masks
 from .precision import autocast_off, routing_precision
+from .quantization import is_quantized
 from .router import apply_yielding, lora_balance_loss, lora_gate_balance_loss, route, route_logits, top_k_gate
 
 
@@ -571,8 +572,10 @@ class SlimLinear(nn.Module):
                 self._build_merged_weight()
 
     def _merges_base(self) -> bool:
-        """merged_inference on a plain nn.Linear: the layer keeps a merged weight (``_merged_weight``)."""
-        return self.config.merged_inference and isinstance(self.base_layer, nn.Linear)
+        """merged_inference on an nn.Linear with float weights (not a quantized one): the layer keeps a merged weight
+        (``_merged_weight``)."""
+        return (self.config.merged_inference and isinstance(self.base_layer, nn.Linear)
+                and not is_quantized(self.base_layer))
 
     def _pooled_score(self, agg: torch.Tensor, k: torch.Tensor, lead: torch.Size, valid: torch.Tensor | None,
                       just_initialized: bool, u: torch.Tensor | None = None) -> torch.Tensor:

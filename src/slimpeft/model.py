@@ -35,6 +35,7 @@ from torch import nn
 from .config import SlimConfig
 from .layer import RoutingContext, SlimLinear, adapter_tensor_specs, base_shape, query_token_mask
 from .modules_to_save import ModuleToSave, resolve_modules_to_save
+from .quantization import is_quantized
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -224,6 +225,9 @@ class AdaptedModel(ModelWrapper):
     """
 
     layer_type: type[nn.Module] = nn.Module
+    # what transformers' Trainer reads to tell a quantized base with trainable adapters (QLoRA: trained) from a
+    # purely quantized one (refused); its own PeftAdapterMixin sets it when an adapter is attached
+    _hf_peft_config_loaded = True
 
     def __init__(self, model: nn.Module, layer_names: list[str], ctx: RoutingContext,
                  modules_to_save: list[str] | None = None) -> None:
@@ -825,6 +829,11 @@ def _check_tensors(model: nn.Module, cfg: SlimConfig, layers: dict[str, list[int
 def inject(model: nn.Module, config: SlimConfig, names: list[str]) -> SlimModel:
     for p in model.parameters():
         p.requires_grad_(False)
+    if config.merged_inference and (packed := [n for n in names if is_quantized(model.get_submodule(n))]):
+        logging.getLogger("slimpeft").warning(
+            "merged_inference: %d adapted layer(s) of this base are quantized (%s, ...): quantized weights cannot be "
+            "merged, so those layers run SLIM's routed path (the same outputs, the routed path's cost)",
+            len(packed), packed[0])
     for name in names:
         base = model.get_submodule(name)
         layer = SlimLinear(base, config, name)

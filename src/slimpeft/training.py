@@ -37,6 +37,7 @@ from .data.jsonl import read_jsonl
 from .data.tasks import MCExample, build_task, format_generative, format_mc, list_tasks
 from .evaluation.multiple_choice import encode_pair
 from .model import atomic_write, read_json
+from .quantization import QUANTIZE_CHOICES
 
 logger = logging.getLogger("slimpeft")
 
@@ -48,7 +49,7 @@ RUN_OUTPUTS = ("checkpoints", "tb", ADAPTER_DIR, RUN_CONFIG, TRAIN_ARGS, "train_
                "routing.json", "routing.png", "routing_by_task.json")
 # arguments that shape the trained weights: a resumed run must continue with the ones it started with
 TRAJECTORY_ARGS = ("base", "method", "data", "steps", "batch_size", "lr", "warmup_ratio", "weight_decay",
-                   "max_length", "seed", "split_seed", "precision")
+                   "max_length", "seed", "split_seed", "precision", "quantize")
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -114,10 +115,31 @@ class TrainArgs:
         "help": "fp32, or mixed precision through torch.autocast: bf16 (CPU or GPU) or fp16 (GPU only, with loss "
                 "scaling); the weights stay float32 (the Trainer's bf16 / fp16 options). An accelerate config's "
                 "mixed_precision applies as well"})
+    quantize: str = field(default="", metadata={
+        "help": "load the frozen base quantized through bitsandbytes (QLoRA): nf4 or fp4 (4-bit weights, float32 "
+                "matmuls) or int8 (LLM.int8()); the adapter stays float32; empty: the base in float32. Needs "
+                "pip install 'slimpeft[quant]'; eval and inspect load the base the same way"})
     torch_compile: str = field(default="", metadata={
         "help": "torch.compile backend for training through the Trainer ('inductor': generated kernels; "
                 "'aot_eager': traced, no code generation); empty: eager. SLIM compiles to one graph from the second "
                 "step on (the first fits the clusters)"})
+
+    def _quantize_errors(self) -> list[str]:
+        if not self.quantize:
+            return []
+        if self.quantize not in QUANTIZE_CHOICES:
+            return [f"--quantize {self.quantize!r}: unknown; choose from {', '.join(QUANTIZE_CHOICES)}"]
+        errs = []
+        if self.method == "full":
+            errs.append("--quantize: full fine-tuning cannot train quantized weights; train an adapter on the "
+                        "quantized base (any other --method), or drop --quantize")
+        errs += [f"--quantize with --{name.replace('_', '-')}: not supported (untested with bitsandbytes layers)"
+                 for name in ("deepspeed", "fsdp_config") if getattr(self, name)]
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            errs.append(f"--quantize {self.quantize}: needs bitsandbytes (pip install 'slimpeft[quant]')")
+        return errs
 
     def validate(self) -> list[str]:
         from . import methods
@@ -147,6 +169,7 @@ class TrainArgs:
             errs.append("--precision fp16 needs a CUDA GPU (float16 autocast with loss scaling); on a CPU use bf16")
         if (err := compile_backend_error(self.torch_compile)) is not None:
             errs.append(err)
+        errs += self._quantize_errors()
         if self.deepspeed and self.fsdp_config:
             errs.append("--deepspeed and --fsdp-config exclude each other")
         if self.fsdp_config and not torch.cuda.is_available():
@@ -260,8 +283,9 @@ class PadCollator:
 
 
 # ------------------------------------------------------------------------------------------------ model
-def load_base(path: str, dtype: torch.dtype = torch.float32):
-    """Base causal LM and tokenizer from a folder (offline) or a Hub id.
+def load_base(path: str, dtype: torch.dtype = torch.float32, quantize: str = ""):
+    """Base causal LM and tokenizer from a folder (offline) or a Hub id; ``quantize`` (nf4, fp4, int8): its linear
+    layers quantized by bitsandbytes (slimpeft.quantization), on this process's device.
 
     transformers' Hub kernels stay off: since transformers 5, with the ``kernels`` package installed (a dependency
     of transformers), a model loaded by default swaps some modules' forward (RMSNorm, rotary embedding) for kernels
@@ -273,7 +297,12 @@ def load_base(path: str, dtype: torch.dtype = torch.float32):
         raise ValueError(f"base model {path!r}: no such folder (and the Hub is offline)")
     tok = AutoTokenizer.from_pretrained(path)
     no_hub_kernels = {"use_kernels": False} if hasattr(PreTrainedModel, "set_use_kernels") else {}
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **no_hub_kernels)
+    quant = {}
+    if quantize:
+        from .quantization import device_map, quantization_config
+
+        quant = {"quantization_config": quantization_config(quantize, compute_dtype=dtype), "device_map": device_map()}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **no_hub_kernels, **quant)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return model, tok
@@ -502,7 +531,7 @@ def train(args: TrainArgs, callbacks: list | None = None) -> Path:
     if Path(args.base).exists():  # eval/inspect must find the base from any working directory
         args.base = str(Path(args.base).resolve())
     torch.manual_seed(args.seed)
-    base, tok = load_base(args.base)
+    base, tok = load_base(args.base, quantize=args.quantize)
     dataset = SupervisedDataset(examples, tok, args.max_length)
     out = Path(args.out)
     model = methods.build(args.method, base, **args.overrides)
@@ -606,6 +635,14 @@ def _method_config(model) -> dict[str, Any]:
     return cfg.to_dict() if hasattr(cfg, "to_dict") else asdict(cfg)
 
 
+def run_quantize(args: dict[str, Any], where: Path) -> str:
+    """The ``quantize`` a run trained its base with ("" for runs of an older slimpeft, which did not quantize)."""
+    q = args.get("quantize") or ""
+    if q and q not in QUANTIZE_CHOICES:
+        raise ValueError(f"{where}: `args.quantize` is {q!r}; expected one of {', '.join(QUANTIZE_CHOICES)}")
+    return q
+
+
 def load_run(run_dir: str | Path):
     """(tuned model in eval mode, tokenizer, run_config) of a run directory written by :func:`train`."""
     from . import methods
@@ -618,7 +655,7 @@ def load_run(run_dir: str | Path):
     args = cfg.get("args") if isinstance(cfg, dict) else None
     if not isinstance(args, dict) or not isinstance(args.get("base"), str) or not isinstance(args.get("method"), str):
         raise ValueError(f"{cpath}: `args.base` and `args.method` must be strings (is this a run directory?)")
-    base, tok = load_base(args["base"])
+    base, tok = load_base(args["base"], quantize=run_quantize(args, cpath))
     model = methods.load(args["method"], base, run_dir / ADAPTER_DIR)
     model.eval()
     return model, tok, cfg

@@ -17,6 +17,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from ..model import CONFIG_NAME, WEIGHTS_NAME, ModelWrapper, atomic_write, file_sha256
+from ..quantization import refuse_quantized
 from .config import FullConfig
 
 
@@ -45,6 +46,7 @@ class FullModel(ModelWrapper):
 
 
 def build_full(model: nn.Module, config: FullConfig) -> FullModel:
+    refuse_quantized(model, "full fine-tuning")
     for p in model.parameters():
         p.requires_grad_(True)
     return FullModel(model, config)

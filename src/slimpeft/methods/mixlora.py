@@ -43,6 +43,7 @@ from torch import nn
 from ..experts import LoraExperts
 from ..layer import base_shape
 from ..model import resolve_targets, set_module
+from ..quantization import input_dtype
 from ..router import route
 from .common import AdapterModule, LoraLinear, MoeModel, freeze, seeded_generator
 from .config import MixLoraConfig, MixLoraDyConfig
@@ -146,8 +147,7 @@ class MixLoraFFN(AdapterModule):
 
         wf = w.float()
         hmix = hs.new_zeros(n, hs.shape[1]).index_add(0, tok, hs * wf[:, None])  # (n, I) sum_j w_j h_j
-        wdt = down.weight.dtype
-        y = down(hmix.to(wdt)).float()  # (n, h) W_d sum_j w_j h_j + b
+        y = down(hmix.to(input_dtype(down, hmix))).float()  # (n, h) W_d sum_j w_j h_j + b
         if getattr(down, "bias", None) is not None:  # the bias enters sum_j w_j times, not once (top-p: sum < 1)
             wsum = wf.new_zeros(n).index_add(0, tok, wf)  # (n,)
             y = y + (wsum - 1.0)[:, None] * down.bias.float()
