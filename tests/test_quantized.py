@@ -224,3 +224,23 @@ def test_cli_refuses_quantize_values_it_cannot_honour(base_and_data, tmp_path, e
                                      "--steps", "1", *extra], terminal_width=300)
     assert res.exit_code == 2 and message in " ".join(res.output.split()), res.output
     assert not (tmp_path / "r").exists()
+
+
+def test_quantized_bench_records_footprints_peaks_and_ratios(tmp_path):
+    from slimpeft.bench.quantized import QuantBenchArgs, run_quantized_bench
+
+    shape = {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4, "num_key_value_heads": 4}
+    out = tmp_path / "quantized.json"
+    res = run_quantized_bench(out=out, args=QuantBenchArgs(layers=2, batch_size=2, seq_len=16, reps=1, shape=shape))
+    assert json.loads(out.read_text()) == json.loads(json.dumps(res))
+    rec = res["models"]
+    assert set(rec) == {"slim-fp32", "lora-fp32", "slim-nf4", "lora-nf4"}
+    # 2 layers of 4 x 256^2 + 3 x 256 x 512 linear weights = 1.31 M parameters: 5.0 MiB in float32, ~0.7 MiB in
+    # 4 bits (half a byte each, plus block scales); embeddings, head and adapter stay float32 in both
+    saved = rec["slim-fp32"]["footprint_mib"] - rec["slim-nf4"]["footprint_mib"]
+    assert 4.0 < saved < 4.6, saved
+    for m in ("slim", "lora"):
+        assert rec[f"{m}-fp32"]["trainable_params"] == rec[f"{m}-nf4"]["trainable_params"] > 0
+        assert res[f"{m}_nf4_over_fp32_footprint"] < 1
+        assert all(r["process_peak_mib"] > r["footprint_mib"] > 0 and r["step_s"] > 0 for r in rec.values())
+    assert res["slim_over_lora_tokens_per_s_nf4"] > 0 and res["meta"]["bitsandbytes"] == bnb.__version__

@@ -39,9 +39,11 @@ def quantization_config(kind: str, compute_dtype: torch.dtype = torch.float32):
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind, bnb_4bit_compute_dtype=compute_dtype)
 
 
-def device_map() -> dict[str, int | str]:
-    """Where a quantized base is loaded (the Trainer does not move bitsandbytes models): this process's GPU under
-    torchrun / accelerate (LOCAL_RANK), else the first GPU, else the CPU."""
+def device_map(device: str | None = None) -> dict[str, int | str]:
+    """Where a quantized base is loaded (the Trainer does not move bitsandbytes models): ``device`` when given, else
+    this process's GPU under torchrun / accelerate (LOCAL_RANK), else the first GPU, else the CPU."""
+    if device is not None:
+        return {"": device}
     if torch.cuda.is_available():
         return {"": int(os.environ.get("LOCAL_RANK", "0"))}
     return {"": "cpu"}

@@ -284,28 +284,36 @@ class PadCollator:
 
 # ------------------------------------------------------------------------------------------------ model
 def load_base(path: str, dtype: torch.dtype = torch.float32, quantize: str = ""):
-    """Base causal LM and tokenizer from a folder (offline) or a Hub id; ``quantize`` (nf4, fp4, int8): its linear
-    layers quantized by bitsandbytes (slimpeft.quantization), on this process's device.
+    """Base causal LM (:func:`load_causal_lm`) and tokenizer from a folder (offline) or a Hub id."""
+    from transformers import AutoTokenizer
+
+    if not Path(path).exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise ValueError(f"base model {path!r}: no such folder (and the Hub is offline)")
+    tok = AutoTokenizer.from_pretrained(path)
+    model = load_causal_lm(path, dtype, quantize)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+def load_causal_lm(path: str, dtype: torch.dtype = torch.float32, quantize: str = "", device: str | None = None):
+    """A causal LM from a folder or a Hub id; ``quantize`` (nf4, fp4, int8): its linear layers quantized by
+    bitsandbytes (slimpeft.quantization), placed on ``device`` (default: this process's GPU, else the CPU).
 
     transformers' Hub kernels stay off: since transformers 5, with the ``kernels`` package installed (a dependency
     of transformers), a model loaded by default swaps some modules' forward (RMSNorm, rotary embedding) for kernels
     that it downloads from the Hub the first time the model is put in train or eval mode on a GPU -- which fails
     offline, and makes the code a measurement runs depend on what the Hub serves that day."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+    from transformers import AutoModelForCausalLM, PreTrainedModel
 
-    if not Path(path).exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise ValueError(f"base model {path!r}: no such folder (and the Hub is offline)")
-    tok = AutoTokenizer.from_pretrained(path)
     no_hub_kernels = {"use_kernels": False} if hasattr(PreTrainedModel, "set_use_kernels") else {}
     quant = {}
     if quantize:
         from .quantization import device_map, quantization_config
 
-        quant = {"quantization_config": quantization_config(quantize, compute_dtype=dtype), "device_map": device_map()}
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **no_hub_kernels, **quant)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return model, tok
+        quant = {"quantization_config": quantization_config(quantize, compute_dtype=dtype),
+                 "device_map": device_map(device)}
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **no_hub_kernels, **quant)
 
 
 def _world() -> tuple[int, int]:

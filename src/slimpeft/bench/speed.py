@@ -279,6 +279,7 @@ class ModelBenchArgs:
     seed: int = 0
     wide_layers: int = 2  # layers of the TinyLlama-shaped model of the wide inference measurement (0: skip it)
     device: str = "cpu"  # where models, batches and timing run ("cuda", "cuda:N": a GPU)
+    quantize: str = ""  # the base's linear layers quantized by bitsandbytes (nf4, fp4, int8; `slim bench quantized`)
 
 
 # TinyLlama-1.1B's layer shape (the layer benchmark's d_in / d_out), for inference timing at a realistic width
@@ -286,26 +287,31 @@ WIDE_SHAPE: dict[str, int] = {"hidden_size": 2048, "intermediate_size": 5632, "n
                               "num_key_value_heads": 4}
 
 
-def wide_base(n_layers: int, vocab_size: int = 4096, seed: int = 0) -> nn.Module:
-    """A Llama causal LM of TinyLlama-1.1B's layer shape with ``n_layers`` layers and random, seeded weights (built
-    locally, nothing downloaded)."""
+def wide_base(n_layers: int, vocab_size: int = 4096, seed: int = 0, shape: dict[str, int] | None = None
+              ) -> nn.Module:
+    """A Llama causal LM of TinyLlama-1.1B's layer shape (or ``shape``'s) with ``n_layers`` layers and random, seeded
+    weights (built locally, nothing downloaded)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab_size, num_hidden_layers=n_layers, max_position_embeddings=256, pad_token_id=0,
-                      bos_token_id=1, eos_token_id=2, **WIDE_SHAPE)
+                      bos_token_id=1, eos_token_id=2, **(shape or WIDE_SHAPE))
     return LlamaForCausalLM(cfg).eval()
 
 
-def build_method(name: str, base: str, seed: int = 0, *, wide_layers: int = 0, device: str = "cpu"
-                 ) -> torch.nn.Module:
-    """A fresh copy of the base model (``wide_layers`` > 0: of ``wide_base``) with ``name`` applied ("base": none),
-    on ``device``. LoRA gets SLIM's trainable budget."""
+def build_method(name: str, base: str, seed: int = 0, *, wide_layers: int = 0, device: str = "cpu",
+                 quantize: str = "") -> torch.nn.Module:
+    """A fresh copy of the base model (``wide_layers`` > 0: of ``wide_base``; ``quantize``: the folder's model
+    quantized by bitsandbytes, loaded onto ``device``) with ``name`` applied ("base": none), on ``device``. LoRA gets
+    SLIM's trainable budget."""
     from .. import methods
-    from ..training import load_base
+    from ..training import load_causal_lm
 
     torch.manual_seed(seed)
-    model = wide_base(wide_layers, seed=seed) if wide_layers > 0 else load_base(base)[0]
+    if wide_layers > 0:
+        model = wide_base(wide_layers, seed=seed)
+    else:
+        model = load_causal_lm(base, quantize=quantize, device=device if quantize else None)
     if name == "slim-recommended":
         model = methods.build("slim", model, **RECOMMENDED_ROUTING)
     elif name == "slim-single":
@@ -314,7 +320,7 @@ def build_method(name: str, base: str, seed: int = 0, *, wide_layers: int = 0, d
         model = methods.build("slim", model, **PRESETS["single"], merged_inference=True)
     elif name != "base":
         model = methods.build(name, model, **(methods.budget_overrides(name, model) if name == "lora" else {}))
-    return model.to(device)
+    return model if quantize else model.to(device)  # a quantized model sits where it was loaded
 
 
 def _train_batch(args: ModelBenchArgs, vocab: int) -> dict[str, torch.Tensor]:
@@ -417,7 +423,7 @@ def peak_step_memory_child(method: str, args_json: str) -> None:
     """
     args = ModelBenchArgs(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(args_json).items()})
     dev = torch.device(args.device)
-    model = build_method(method, args.base, args.seed, device=args.device)
+    model = build_method(method, args.base, args.seed, device=args.device, quantize=args.quantize)
     batch = _train_batch(args, model.config.vocab_size)
     step = _train_step(model, batch)
     if dev.type == "cuda":
