@@ -29,6 +29,7 @@ Run: ``slim bench speed [--quick] [--json] [--device cuda] [--torch-compile indu
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import platform
@@ -413,13 +414,34 @@ def _proc_status() -> dict[str, int]:
     return out
 
 
+def _page_in(model: torch.nn.Module) -> None:
+    """Read every parameter and buffer once: transformers maps a float32 checkpoint's tensors from the file and the
+    pages come into memory on first use, so without this a step's peak would count the base weights it reads."""
+    with torch.no_grad():
+        for t in itertools.chain(model.parameters(), model.buffers()):
+            t.detach().reshape(-1).sum()
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap memory freed so far back to the OS (glibc's ``malloc_trim``), so that the steps measured next
+    cannot reuse it unseen: loading a model frees large buffers (a quantized base: the float weights it was
+    quantized from), which the allocator would otherwise keep and the steps fill without the RSS growing."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim with
+        pass
+
+
 def peak_step_memory_child(method: str, args_json: str) -> None:
     """In a fresh process: peak memory of two training steps of ``method`` beyond the built model and batch.
 
     CPU (Linux): the resident-set high-water mark (VmHWM) is reset through /proc/self/clear_refs after the model,
-    batch and optimizer exist, two steps run (the first allocates AdamW's state), and the HWM minus the RSS before
-    the steps is the peak. tracemalloc would see none of it (torch allocates outside Python's allocator). CUDA:
-    torch.cuda.max_memory_allocated minus the memory allocated before the steps. Prints one JSON object.
+    batch and optimizer exist (the model's weights read once, freed heap memory handed back), two steps run (the
+    first allocates AdamW's state), and the HWM minus the RSS before the steps is the peak. tracemalloc would see
+    none of it (torch allocates outside Python's allocator). CUDA: torch.cuda.max_memory_allocated minus the memory
+    allocated before the steps. Prints one JSON object.
     """
     args = ModelBenchArgs(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(args_json).items()})
     dev = torch.device(args.device)
@@ -436,6 +458,8 @@ def peak_step_memory_child(method: str, args_json: str) -> None:
         peak = torch.cuda.max_memory_allocated(dev)
         print(json.dumps({"method": method, "rss_before": before, "hwm": peak, "peak_bytes": peak - before}))
         return
+    _page_in(model)
+    _return_freed_memory()
     before = _proc_status()["VmRSS"]
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the high-water mark to the current RSS
