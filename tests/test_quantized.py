@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers.trainer_utils import validate_quantization_for_training
 from typer.testing import CliRunner
 
 from slimpeft import SlimConfig, SlimTrainer, get_slim_model, methods
@@ -89,6 +90,7 @@ def test_adapter_on_a_4bit_base_computes_what_it_computes_on_the_dequantized_bas
     q = methods.build(method, qbase, **SMALL[method])
     f = methods.build(method, dequantized(base_dir), **SMALL[method])
     assert quantized_layers(q) and not quantized_layers(f)
+    validate_quantization_for_training(q)  # what transformers.Trainer.__init__ checks: an adapter is attached
     perturb(q)
     perturb(f)
     x = ids()
