@@ -246,3 +246,27 @@ def test_quantized_bench_records_footprints_peaks_and_ratios(tmp_path):
         assert res[f"{m}_nf4_over_fp32_footprint"] < 1
         assert all(r["train_memory_mib"] > r["footprint_mib"] > 0 and r["step_s"] > 0 for r in rec.values())
     assert res["slim_over_lora_tokens_per_s_nf4"] > 0 and res["meta"]["bitsandbytes"] == bnb.__version__
+
+
+def test_gradient_checkpointing_on_a_4bit_base_trains_exactly_as_without(base_and_data, tmp_path):
+    from train_helpers import losses, tiny_train_args
+
+    from slimpeft.training import train
+
+    base, data = base_and_data
+    runs = {gc: train(tiny_train_args(base, data, tmp_path / f"gc{int(gc)}", steps=3, quantize="nf4",
+                                      gradient_checkpointing=gc)) for gc in (False, True)}
+    plain, checkpointed = losses(runs[False]), losses(runs[True])
+    assert len(plain) == 3 and plain == checkpointed
+
+
+def test_peft_prepare_model_for_kbit_training_then_slim(base_dir):
+    from peft import prepare_model_for_kbit_training
+
+    model = get_slim_model(prepare_model_for_kbit_training(load(base_dir)), SlimConfig(**SMALL["slim"]))
+    assert model.base_model.is_gradient_checkpointing  # what peft's helper turns on for QLoRA
+    model.train()
+    x = ids()
+    model(input_ids=x, labels=x).loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
