@@ -393,15 +393,15 @@ def bench_speed(
 
 @bench_app.command("quantized")
 def bench_quantized(
-    quick: Annotated[bool, typer.Option(help="one layer, 2 x 64 tokens, 2 rounds (about a minute on a CPU)")] = False,
+    quick: Annotated[bool, typer.Option(help="one layer, 2 x 64 tokens, 2 rounds (under a minute on a CPU)")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object (every ratio at the top level)")
                        ] = False,
     out: Annotated[str, typer.Option(help="output folder; the record is OUT/quantized.json (-quick, -cuda as "
                                           "bench speed's)")] = "results/quantized",
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N")] = "cpu",
 ) -> None:
-    """QLoRA: memory footprint, process peak memory and training step time of SLIM and LoRA on a float32 and an
-    nf4 (bitsandbytes 4-bit) TinyLlama-shaped base, side by side in one run."""
+    """QLoRA: memory footprint, training memory (footprint + step peak) and training step time of SLIM and LoRA on a
+    float32 and an nf4 (bitsandbytes 4-bit) TinyLlama-shaped base, side by side in one run."""
     from .bench.quantized import print_quantized_table, run_quantized_bench
     from .bench.speed import record_path, resolve_device
 
