@@ -637,11 +637,7 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
 def safetensors_metadata(wpath: Path) -> dict[str, str]:
     """The ``__metadata__`` of a safetensors file's header ({} when it has none); ValueError naming the file when it
     is unreadable."""
-    try:
-        with safe_open(str(wpath), framework="pt", device="cpu") as f:
-            return dict(f.metadata() or {})
-    except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
-        raise ValueError(f"{wpath}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+    return _read_safetensors_file(wpath, lambda f: dict(f.metadata() or {}))
 
 
 def _default_file_mode() -> int:
@@ -693,9 +689,15 @@ def read_method_dir(adapter_dir: str | os.PathLike, method: str) -> tuple[dict[s
 def read_safetensors(wpath: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a weights file, read with safetensors only (never pickle); ValueError naming the file when it
     is truncated or corrupt."""
+    return _read_safetensors_file(wpath, lambda f: {k: f.get_tensor(k) for k in f.keys()})
+
+
+def _read_safetensors_file(wpath: Path, read: Any) -> Any:
+    """``read(f)`` of the opened file (safetensors only, never pickle); ValueError naming the file when it is
+    truncated or corrupt."""
     try:
         with safe_open(str(wpath), framework="pt", device="cpu") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
+            return read(f)
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
         raise ValueError(f"{wpath}: not a readable safetensors file ({type(e).__name__}: {e})") from None
 
