@@ -29,8 +29,8 @@ SMALL = {"slim": {"r": 4, "n_clusters": 4, "mask_rate": 0.0}, "mixlora": {"r": 4
 
 @pytest.fixture(scope="module")
 def base_and_data(tmp_path_factory):
-    """A tiny base at least 64 wide (bitsandbytes' CPU inference repacks 4-bit weights in blocks of 64 inputs; a
-    narrower layer fails there, inside bitsandbytes) and JSONL data."""
+    """A tiny base 64 wide, so that bitsandbytes' CPU inference kernel (weights repacked in blocks of 64 inputs and
+    32 outputs) runs on its layers, and JSONL data."""
     from train_helpers import save_tiny_base, write_data
 
     d = tmp_path_factory.mktemp("qbase")
@@ -270,3 +270,37 @@ def test_peft_prepare_model_for_kbit_training_then_slim(base_dir):
     model(input_ids=x, labels=x).loss.backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert grads and all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
+
+
+def test_layers_bitsandbytes_cpu_kernel_cannot_take_fall_back_to_exact_dequantization(tmp_path):
+    """An MLP 80 wide (the shipped base's is 688): bitsandbytes' CPU repacking asserts out_features % 32 == 0 and
+    fails on inputs that are no multiple of 64. Loaded by slimpeft or adapted by it, such layers keep the exact
+    dequantization in inference; the others keep bitsandbytes' kernel."""
+    from train_helpers import save_tiny_base
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from slimpeft.quantization import guard_cpu_repacking
+
+    path = save_tiny_base(tmp_path / "base", hidden_size=64, intermediate_size=80)
+    x = ids()
+    cpu_kernel = load(path).model.layers[0].self_attn.q_proj.support_avx512bf16_for_cpu  # 64 x 64: kept
+    mlp = {f"model.layers.{i}.mlp.{p}" for i in range(2) for p in ("gate_proj", "up_proj", "down_proj")}
+    # what a user loads with transformers alone
+    raw = AutoModelForCausalLM.from_pretrained(path, quantization_config=BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32), device_map={"": "cpu"})
+    if cpu_kernel:  # this CPU has the kernel: bare bitsandbytes fails on the 80-wide layers
+        with pytest.raises((AssertionError, RuntimeError)), torch.no_grad():
+            raw.eval()(input_ids=x)
+    for model in (load(path), get_slim_model(AutoModelForCausalLM.from_pretrained(
+            path, quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32),
+            device_map={"": "cpu"}), SlimConfig(**SMALL["slim"]))):
+        assert guard_cpu_repacking(model) == []  # done already, by load_base / get_slim_model
+        off = {n.removeprefix("base_model.").removesuffix(".base_layer")
+               for n, m in model.named_modules() if getattr(m, "support_avx512bf16_for_cpu", True) is False}
+        assert off == (mlp if cpu_kernel else set())
+        model.train()
+        with torch.no_grad():
+            train_logits = model(input_ids=x).logits
+        model.eval()
+        with torch.no_grad():
+            assert (model(input_ids=x).logits - train_logits).abs().max().item() < 2e-2  # runs, near training's

@@ -35,7 +35,7 @@ from torch import nn
 from .config import SlimConfig
 from .layer import RoutingContext, SlimLinear, adapter_tensor_specs, base_shape, query_token_mask
 from .modules_to_save import ModuleToSave, resolve_modules_to_save
-from .quantization import is_quantized
+from .quantization import guard_cpu_repacking, is_quantized
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -829,6 +829,8 @@ def _check_tensors(model: nn.Module, cfg: SlimConfig, layers: dict[str, list[int
 
 
 def inject(model: nn.Module, config: SlimConfig, names: list[str]) -> SlimModel:
+    guard_cpu_repacking(model)  # a quantized base: bitsandbytes' CPU inference must not fail on its shapes
+    # (inject runs after every check of get_slim_model and from_pretrained: a refused load changes nothing)
     for p in model.parameters():
         p.requires_grad_(False)
     if config.merged_inference and (packed := [n for n in names if is_quantized(model.get_submodule(n))]):

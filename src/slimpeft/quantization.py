@@ -62,6 +62,26 @@ def input_dtype(layer: nn.Module, x: torch.Tensor) -> torch.dtype:
     return x.dtype if is_quantized(layer) else layer.weight.dtype
 
 
+def guard_cpu_repacking(model: nn.Module) -> list[str]:
+    """Turn off bitsandbytes' CPU repacking where it would fail; returns the layers it was turned off for.
+
+    On a CPU with AVX512-BF16, a 4-bit layer repacks its weights for a faster kernel on its first inference call,
+    which asserts ``out_features % 32 == 0`` and fails on inputs not a multiple of the quantization block (the
+    shipped base's 688-wide MLP, layers narrower than 64). Those layers then dequantize in inference as in training
+    (exact, slower); the others keep bitsandbytes' kernel."""
+    off = []
+    for name, m in model.named_modules():
+        w = getattr(m, "weight", None)
+        if not (getattr(m, "support_avx512bf16_for_cpu", False) and type(w).__name__ == "Params4bit"
+                and w.device.type == "cpu"):
+            continue
+        block = getattr(w.quant_state, "blocksize", None) or 64
+        if m.out_features % 32 or m.in_features % block:
+            m.support_avx512bf16_for_cpu = False
+            off.append(name)
+    return off
+
+
 def quantized_layers(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if is_quantized(m)]
 

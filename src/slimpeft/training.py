@@ -307,13 +307,14 @@ def load_causal_lm(path: str, dtype: torch.dtype = torch.float32, quantize: str 
     from transformers import AutoModelForCausalLM, PreTrainedModel
 
     no_hub_kernels = {"use_kernels": False} if hasattr(PreTrainedModel, "set_use_kernels") else {}
-    quant = {}
-    if quantize:
-        from .quantization import device_map, quantization_config
+    if not quantize:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **no_hub_kernels)
+    from .quantization import device_map, guard_cpu_repacking, quantization_config
 
-        quant = {"quantization_config": quantization_config(quantize, compute_dtype=dtype),
-                 "device_map": device_map(device)}
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **no_hub_kernels, **quant)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, quantization_config=quantization_config(
+        quantize, compute_dtype=dtype), device_map=device_map(device), **no_hub_kernels)
+    guard_cpu_repacking(model)
+    return model
 
 
 def _world() -> tuple[int, int]:

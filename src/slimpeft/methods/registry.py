@@ -22,6 +22,7 @@ from ..config import SlimConfig
 from ..layer import base_shape
 from ..model import SlimModel, check_not_adapted, get_slim_model, resolve_targets, slim_targets
 from ..modules_to_save import resolve_modules_to_save
+from ..quantization import guard_cpu_repacking
 from .common import load_moe
 from .config import (
     DoraMethodConfig,
@@ -152,12 +153,15 @@ def build(name: str, model: nn.Module, **overrides: Any) -> nn.Module:
     m = _method(name)
     cfg = make_config(name, **overrides)  # validated before the model is touched
     check_not_adapted(model)  # every method, also those that find their layers without resolve_targets
+    guard_cpu_repacking(model)  # a quantized base: bitsandbytes' CPU inference must not fail on its shapes
     return m.build(model, cfg)
 
 
 def load(name: str, model: nn.Module, adapter_dir: str | os.PathLike, *, is_trainable: bool = False) -> nn.Module:
     """Load what ``build(name, ...).save_pretrained(adapter_dir)`` wrote onto a fresh ``model`` (eval mode)."""
-    return _method(name).load(model, adapter_dir, is_trainable=is_trainable)
+    loaded = _method(name).load(model, adapter_dir, is_trainable=is_trainable)
+    guard_cpu_repacking(loaded)  # after the checks: a refused load leaves the base model as it was
+    return loaded
 
 
 def trainable_budget(name: str, model: nn.Module, **overrides: Any) -> int:
