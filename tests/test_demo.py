@@ -26,3 +26,16 @@ def test_demo_runs_lora_slim_and_slim_single_head(tiny_base, tmp_path):
     saved = json.loads((tmp_path / "demo.json").read_text())
     assert saved == json.loads(json.dumps(rows))
     assert (tmp_path / "demo.png").stat().st_size > 1000
+
+
+def test_demo_on_a_quantized_base(tiny_base, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from slimpeft.quantization import quantized_layers
+    from slimpeft.training import load_run
+
+    rows = demo.run_demo(base=str(tiny_base), out=str(tmp_path), steps=2, limit=4, quantize="nf4")
+    assert list(rows) == ["lora", "slim", "lora-head", "slim-single-head"]
+    for name, r in rows.items():
+        model, _, cfg = load_run(tmp_path / name)
+        assert cfg["args"]["quantize"] == "nf4" and quantized_layers(model)  # trained and scored on the 4-bit base
+        assert r["retention"] == pytest.approx(r["general_after"] / r["general_before"])

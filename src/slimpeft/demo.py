@@ -6,7 +6,9 @@ of rank 128 on the MLP and the output head, preset ``single-head``) and with LoR
 (lora-head); evaluates each before and after on every general and downstream task, prints the table (downstream
 accuracy, general accuracy, retention, trainable parameters, time) and writes a plot.
 
-    python -m slimpeft.demo [--steps 300] [--limit 100] [--out runs/demo]
+    python -m slimpeft.demo [--steps 300] [--limit 100] [--out runs/demo] [--quantize nf4]
+
+``--quantize``: the same on the base quantized by bitsandbytes (QLoRA); "before" is then the quantized base.
 """
 
 from __future__ import annotations
@@ -34,10 +36,10 @@ SLIM_SINGLE_HEAD_DEMO = dict(PRESETS["single-head"])
 
 
 def run_demo(base: str = "assets/base", out: str = "runs/demo", steps: int = 400, limit: int | None = 100,
-             lr: float = 5e-3, seed: int = 0) -> dict:
+             lr: float = 5e-3, seed: int = 0, quantize: str = "") -> dict:
     from . import methods
 
-    base_model, _ = load_base(base)
+    base_model, _ = load_base(base, quantize=quantize)
     def lora_at(slim: dict) -> dict:  # LoRA on SLIM's layers at SLIM's trainable budget
         return methods.budget_overrides("lora", base_model, methods.make_config("slim", **slim))
 
@@ -48,26 +50,27 @@ def run_demo(base: str = "assets/base", out: str = "runs/demo", steps: int = 400
     for name, (method, overrides) in plan.items():
         t0 = time.perf_counter()
         run_dir = train(TrainArgs(base=base, method=method, data="downstream", out=f"{out}/{name}", steps=steps,
-                                  lr=lr, seed=seed, overrides=overrides, save_steps=steps,
+                                  lr=lr, seed=seed, overrides=overrides, save_steps=steps, quantize=quantize,
                                   overwrite=True))  # the demo's own folder: a rerun replaces it
         seconds = time.perf_counter() - t0
         model, tok, cfg = load_run(run_dir)
-        fresh_base, _ = load_base(base)
+        fresh_base, _ = load_base(base, quantize=quantize)
         summary = compare_accuracy(model, tok, list_tasks(), base_model=fresh_base.eval(), limit=limit)
         rows[name] = {**summary, "trainable_params": cfg["trainable_params"], "train_seconds": seconds,
                         "overrides": overrides}
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / "demo.json").write_text(json.dumps(rows, indent=2, sort_keys=True))
-    print_demo_table(rows)
+    print_demo_table(rows, quantize)
     plot_demo(rows, Path(out) / "demo.png")
     return rows
 
 
-def print_demo_table(rows: dict) -> None:
+def print_demo_table(rows: dict, quantize: str = "") -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title="fine-tuned on the downstream mix: learning vs forgetting")
+    t = Table(title="fine-tuned on the downstream mix: learning vs forgetting"
+              + (f" (base quantized: {quantize})" if quantize else ""))
     for col in ("method", "downstream before", "downstream after", "general before", "general after", "retention",
                 "trainable", "train s"):
         t.add_column(col, justify="left" if col == "method" else "right")
@@ -105,9 +108,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=400, help="training steps per method")
     ap.add_argument("--limit", type=int, default=100, help="test items per task (0 = all)")
     ap.add_argument("--lr", type=float, default=5e-3, help="learning rate (every method)")
+    ap.add_argument("--quantize", default="", choices=["", "nf4", "fp4", "int8"],
+                    help="QLoRA: the base quantized by bitsandbytes (needs slimpeft[quant])")
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    run_demo(a.base, a.out, a.steps, a.limit or None, a.lr)
+    run_demo(a.base, a.out, a.steps, a.limit or None, a.lr, quantize=a.quantize)
 
 
 if __name__ == "__main__":
