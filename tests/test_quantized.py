@@ -304,3 +304,25 @@ def test_layers_bitsandbytes_cpu_kernel_cannot_take_fall_back_to_exact_dequantiz
         model.eval()
         with torch.no_grad():
             assert (model(input_ids=x).logits - train_logits).abs().max().item() < 2e-2  # runs, near training's
+
+
+@pytest.mark.parametrize("method", ["slim", "mixlora"])
+def test_bfloat16_compute_dtype_trains_with_float32_adapters(method, base_dir):
+    """QLoRA's usual setting on GPUs: 4-bit weights, bfloat16 matmuls; the adapter stays float32."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    def base():
+        return AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16), device_map={"": "cpu"})
+
+    model = methods.build(method, base(), **SMALL[method])
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    x = ids()
+    model.train()
+    loss = model(input_ids=x, labels=x).loss
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None and torch.isfinite(p.grad).all()
+                                        for p in model.parameters() if p.requires_grad)
+    model.eval()
+    with torch.no_grad(), model.disable_adapter():
+        assert torch.equal(model(input_ids=x).logits, base().eval()(input_ids=x).logits)
