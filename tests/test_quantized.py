@@ -326,3 +326,16 @@ def test_bfloat16_compute_dtype_trains_with_float32_adapters(method, base_dir):
     model.eval()
     with torch.no_grad(), model.disable_adapter():
         assert torch.equal(model(input_ids=x).logits, base().eval()(input_ids=x).logits)
+
+
+def test_without_bitsandbytes_quantize_is_refused_naming_the_extra(monkeypatch):
+    import sys
+
+    from slimpeft.quantization import quantization_config
+    from slimpeft.training import TrainArgs
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` now raises ImportError
+    with pytest.raises(ImportError, match=r"quantize='nf4' needs bitsandbytes: pip install 'slimpeft\[quant\]'"):
+        quantization_config("nf4")
+    errs = TrainArgs(quantize="nf4", data="downstream").validate()
+    assert "--quantize: quantize='nf4' needs bitsandbytes: pip install 'slimpeft[quant]'" in errs

@@ -7,7 +7,8 @@ output, as in peft's QLoRA layers. What needs care, and is handled here and wher
 - loading: :func:`quantization_config` (``slim train --quantize nf4|fp4|int8``), placed on the process's device;
 - code that reads a base layer's weight (SLIM's ``merged_inference``, dtype choices) must not read packed integers
   as float weights (:func:`is_quantized`, :func:`input_dtype`);
-- full fine-tuning cannot train packed integer weights: refused (:func:`refuse_quantized`).
+- full fine-tuning cannot train packed integer weights: refused (:func:`refuse_quantized`);
+- bitsandbytes' CPU inference kernel fails on some layer shapes: turned off for those (:func:`guard_cpu_repacking`).
 
 bitsandbytes is optional (``pip install 'slimpeft[quant]'``); it runs on CPUs too (4-bit through its PyTorch path).
 """

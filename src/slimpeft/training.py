@@ -37,7 +37,7 @@ from .data.jsonl import read_jsonl
 from .data.tasks import MCExample, build_task, format_generative, format_mc, list_tasks
 from .evaluation.multiple_choice import encode_pair
 from .model import atomic_write, read_json
-from .quantization import QUANTIZE_CHOICES
+from .quantization import QUANTIZE_CHOICES, quantization_config
 
 logger = logging.getLogger("slimpeft")
 
@@ -136,9 +136,9 @@ class TrainArgs:
         errs += [f"--quantize with --{name.replace('_', '-')}: not supported (untested with bitsandbytes layers)"
                  for name in ("deepspeed", "fsdp_config") if getattr(self, name)]
         try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            errs.append(f"--quantize {self.quantize}: needs bitsandbytes (pip install 'slimpeft[quant]')")
+            quantization_config(self.quantize)
+        except ImportError as e:  # bitsandbytes missing: the message names the extra
+            errs.append(f"--quantize: {e}")
         return errs
 
     def validate(self) -> list[str]:
