@@ -80,6 +80,20 @@ def test_accelerate_launch_two_processes_equal_one_process_on_the_global_batch(s
     _check_against_single(out, setup[3])
 
 
+def test_torchrun_two_processes_on_a_4bit_base_equal_one_process(setup):
+    """QLoRA under DDP: each rank loads its own nf4 copy of the base (slimpeft.quantization.device_map); the adapter
+    trains as one process on the global batch of the same quantized base."""
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is the quant extra (pip install -e '.[quant]')")
+    d, base, data, _ = setup
+    single = train(TrainArgs(base=str(base), data=str(data), out=str(d / "single-nf4"), steps=STEPS, batch_size=8,
+                             save_steps=2, logging_steps=1, overrides={"r": 4, "n_clusters": 4}, progress=False,
+                             quantize="nf4"))
+    out = _two_process_run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+                           setup, "torchrun-nf4", "--quantize", "nf4")
+    assert json.loads((out / "run_config.json").read_text())["args"]["quantize"] == "nf4"
+    _check_against_single(out, single)
+
+
 @pytest.mark.parametrize("stage", ["zero2", "zero3"])
 def test_deepspeed_zero_two_processes_on_cpu_equal_one_process(setup, stage):
     """DeepSpeed runs on CPU with gloo (its CPU accelerator): ZeRO-2 shards optimizer state and gradients, ZeRO-3 also
