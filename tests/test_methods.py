@@ -532,3 +532,14 @@ def test_budget_overrides_give_lora_slims_targets_with_the_output_head():
         n = sum(p.numel() for p in built.parameters() if p.requires_grad)
         assert n == methods.trainable_budget(name, model, **ov) and abs(n - budget) < 32 + 97 + 2 * (32 + 64)
     assert "target_modules" not in methods.budget_overrides("lora", model, SlimConfig(r=4))
+
+
+@pytest.mark.parametrize("method", ["slim", "mixlora", "loramoe", "mola"])
+def test_merge_and_unload_is_refused_with_the_reason_and_changes_nothing(method):
+    model = methods.build(method, tiny_llama(), **({"r": 4, "experts_schedule": [2, 4]} if method == "mola" else {}))
+    layer_types = {n: type(m) for n, m in model.named_modules()}
+    with pytest.raises(ValueError, match=rf"merge_and_unload: a '{method}' adapter cannot be merged into the base "
+                                         r"weights -- each token is routed to its own experts.* unload\(\) gives"):
+        model.merge_and_unload()
+    assert {n: type(m) for n, m in model.named_modules()} == layer_types
+    model.unload()  # what the message points to

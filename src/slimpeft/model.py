@@ -412,6 +412,18 @@ class AdaptedModel(ModelWrapper):
         back instead."""
         return self._remove(trained=True)
 
+    def merge_and_unload(self, *args: Any, **kwargs: Any) -> nn.Module:
+        """PEFT's call for LoRA; refused here: a routed adapter has no single weight to merge."""
+        method = self._meta()["method"]
+        raise ValueError(
+            f"merge_and_unload: a {method!r} adapter cannot be merged into the base weights -- each token is routed "
+            "to its own experts" + (" and, on inputs unlike the training data, to the identity experts that keep "
+                                    "the base model's behaviour" if method == "slim" else "")
+            + ", so no single weight matrix equals an adapted layer. unload() gives the base model back (keeping "
+            "trained modules_to_save; restore_base() puts the originals back)"
+            + ("; for inference near the base's cost, SlimConfig(merged_inference=True) with a single-expert preset "
+               "merges in place for the calls whose every token reaches the LoRA expert" if method == "slim" else ""))
+
     def restore_base(self) -> nn.Module:
         """Put every original module back -- the adapted layers' base layers and the modules to save's originals --
         and return the base model as it was before adaptation."""
