@@ -339,3 +339,32 @@ def test_without_bitsandbytes_quantize_is_refused_naming_the_extra(monkeypatch):
         quantization_config("nf4")
     errs = TrainArgs(quantize="nf4", data="downstream").validate()
     assert "--quantize: quantize='nf4' needs bitsandbytes: pip install 'slimpeft[quant]'" in errs
+
+
+@pytest.mark.parametrize("method", ["slim", "mixlora", "lora"])
+def test_gpt2_conv1d_layers_quantized_train_as_their_dequantized_float_version(method, tmp_path):
+    """transformers turns GPT-2's Conv1D layers (weights stored transposed) into 4-bit Linear layers; the adapter on
+    them computes what it computes on the float Conv1D model holding the dequantized weights."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=97, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=1,
+                               eos_token_id=2)).save_pretrained(tmp_path)
+    q = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32), device_map={"": "cpu"})
+    f = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert type(q.transformer.h[0].mlp.c_fc).__name__ == "Linear4bit"
+    assert type(f.transformer.h[0].mlp.c_fc).__name__ == "Conv1D"
+    with torch.no_grad():
+        for name in quantized_layers(q):
+            w = q.get_submodule(name).weight
+            f.get_submodule(name).weight.copy_(bnb.functional.dequantize_4bit(w.data, w.quant_state).T)  # (i, o)
+    mq, mf = methods.build(method, q, **SMALL[method]), methods.build(method, f, **SMALL[method])
+    x = torch.randint(3, 97, (2, 10), generator=torch.Generator().manual_seed(0))
+    out = []
+    for m in (mq, mf):
+        perturb(m)
+        m.train()
+        torch.manual_seed(0)
+        out.append(m(input_ids=x, labels=x).loss.item())
+    assert abs(out[0] - out[1]) < 1e-5, out
