@@ -224,3 +224,20 @@ def test_train_draws_the_task_split_from_split_seed(monkeypatch, tmp_path, seed,
     with pytest.raises(KeyboardInterrupt):
         training.train(training.TrainArgs(out=str(tmp_path / "run"), seed=seed, split_seed=split_seed))
     assert seen["split"] == expected and not (tmp_path / "run").exists()
+
+
+def test_benchmark_on_a_quantized_base_keeps_its_records_apart(tiny_base, tmp_path, monkeypatch):
+    pytest.importorskip("bitsandbytes")
+    monkeypatch.setattr(fg, "SLIM_BENCH", {**fg.SLIM_BENCH, **SMALL_SLIM})
+    out, said = tmp_path / "fg-nf4", []
+    no_ablation = fg.Profile(**{**TINY.__dict__, "ablations": ()})
+    fg.run_benchmark(no_ablation, base=str(tiny_base), out=out, methods_=["slim", "lora", "full"], log=said.append,
+                     quantize="nf4")
+    assert "--quantize nf4: full fine-tuning cannot train quantized weights; left out" in said
+    records = [json.loads(p.read_text()) for p in sorted((out / "records").iterdir())]
+    assert sorted(r["method"] for r in records) == ["lora", "slim"] and {r["quantize"] for r in records} == {"nf4"}
+    base_gen = json.loads((out / "base_general-nf4.json").read_text())
+    assert all(r["base_general"] == base_gen for r in records)  # retention against the quantized base
+    with pytest.raises(ValueError, match=r"holds records measured on the base quantized \(nf4\) .*this run is on the "
+                                         r"base in float32: choose another --out"):
+        fg.run_benchmark(no_ablation, base=str(tiny_base), out=out, methods_=["lora"], log=lambda s: None)

@@ -434,6 +434,8 @@ def bench_forgetting(
                                               "dora-head - except quick, which leaves out slim-single and "
                                               "dora-head); the summary covers every record in --out")] = "",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="list the planned runs and exit")] = False,
+    quantize: Annotated[str, typer.Option(help="every run on the base quantized by bitsandbytes (nf4, fp4, int8; "
+                                               "QLoRA); full fine-tuning left out; use its own --out")] = "",
 ) -> None:
     """Learning vs forgetting of SLIM and every baseline (MDS/SDS, seeds, LR grid, ablations, Pareto plot)."""
     from .bench.forgetting import run_benchmark
@@ -442,9 +444,15 @@ def bench_forgetting(
     chosen = [m.strip() for m in methods.split(",") if m.strip()] or None  # None: the profile's methods
     base = _resolve_base(base)
     try:
-        out = out or ("results/forgetting-full" if profile == "full" else "results/forgetting")
-        run_benchmark(profile, base=base, out=out, methods_=chosen, dry_run=dry_run, log=typer.echo)
-    except ValueError as e:
+        out = out or (("results/forgetting-full" if profile == "full" else "results/forgetting")
+                      + (f"-{quantize}" if quantize else ""))
+        if quantize:
+            from .quantization import quantization_config
+
+            quantization_config(quantize)  # an unknown kind or bitsandbytes missing: refused before any work
+        run_benchmark(profile, base=base, out=out, methods_=chosen, dry_run=dry_run, log=typer.echo,
+                      quantize=quantize)
+    except (ValueError, ImportError) as e:
         _fail(str(e))
 
 

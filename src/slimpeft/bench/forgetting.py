@@ -253,12 +253,13 @@ def _mean(xs: Sequence[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-def base_general(base: str, limit: int | None) -> dict[str, float]:
-    """General accuracy of the base model (test split of seed 0), measured once per benchmark."""
+def base_general(base: str, limit: int | None, quantize: str = "") -> dict[str, float]:
+    """General accuracy of the base model (test split of seed 0; ``quantize``: as quantized for the runs), measured
+    once per benchmark."""
     from ..evaluation.multiple_choice import evaluate_task
     from ..training import load_base
 
-    model, tok = load_base(base)
+    model, tok = load_base(base, quantize=quantize)
     model.eval()
     return {n: evaluate_task(model, tok, n, limit=limit, seed=0).accuracy for n in list_tasks("general")}
 
@@ -281,7 +282,7 @@ def ood_separation(model: Any, tokenizer: Any, limit: int | None) -> dict[str, A
 
 
 def run_one(spec: RunSpec, profile: Profile, base: str, base_gen: dict[str, float],
-            work_dir: Path) -> dict[str, Any]:
+            work_dir: Path, quantize: str = "") -> dict[str, Any]:
     """Train ``spec``, evaluate every task, return the record (the run directory is deleted afterwards)."""
     from ..evaluation.multiple_choice import evaluate_task
     from ..training import TrainArgs, load_run, train
@@ -293,7 +294,7 @@ def run_one(spec: RunSpec, profile: Profile, base: str, base_gen: dict[str, floa
     train(TrainArgs(base=base, method=registry_method(spec.method), data=spec.data, out=str(run_dir),
                     steps=profile.steps, batch_size=profile.batch_size, lr=spec.lr, seed=spec.seed,
                     split_seed=SPLIT_SEED, overrides=spec.overrides, save_steps=profile.steps, progress=False,
-                    overwrite=True))  # a killed earlier attempt's run directory is this bench's own
+                    quantize=quantize, overwrite=True))  # a killed earlier attempt's run directory is this bench's own
     seconds = time.perf_counter() - t0
     model, tok, cfg = load_run(run_dir)
     acc = {n: evaluate_task(model, tok, n, limit=profile.limit, seed=0).accuracy for n in list_tasks()}
@@ -301,7 +302,7 @@ def run_one(spec: RunSpec, profile: Profile, base: str, base_gen: dict[str, floa
     record: dict[str, Any] = {
         "method": spec.method, "setting": spec.setting, "seed": spec.seed, "split_seed": SPLIT_SEED, "lr": spec.lr,
         "steps": profile.steps,
-        "limit": profile.limit, "profile": profile.name, "overrides": spec.overrides,
+        "limit": profile.limit, "profile": profile.name, "overrides": spec.overrides, "quantize": quantize,
         "downstream": {n: a for n, a in acc.items() if n.startswith("downstream/")},
         "general": general, "base_general": base_gen,
         "retention": _mean(list(general.values())) / _mean(list(base_gen.values())),
@@ -425,6 +426,10 @@ def _write_json(path: Path, obj: Any) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=True)))
 
 
+def _base_kind(quantize: str) -> str:
+    return f"quantized ({quantize})" if quantize else "in float32"
+
+
 def load_records(out: Path) -> list[dict[str, Any]]:
     rec_dir = out / "records"
     records = []
@@ -463,17 +468,21 @@ def stale_records(existing: Sequence[dict[str, Any]], specs: Sequence[RunSpec], 
 
 def run_benchmark(profile: str | Profile = "quick", base: str = "assets/base", out: str | Path = "results/forgetting",
                   methods_: Sequence[str] | None = None, dry_run: bool = False,
-                  log: Callable[[str], None] = print) -> dict[str, Any]:
+                  log: Callable[[str], None] = print, quantize: str = "") -> dict[str, Any]:
     """Run (or resume) the benchmark; returns the summary. ``methods_`` None: the profile's methods. ``dry_run``
-    only lists the planned runs."""
+    only lists the planned runs. ``quantize`` (nf4, fp4, int8): every run on the base quantized by bitsandbytes
+    (full fine-tuning, which cannot train quantized weights, left out); a folder holds one setting only."""
     from ..training import load_base
 
     if isinstance(profile, str) and profile not in PROFILES:
         raise ValueError(f"--profile {profile!r}: unknown; choose from {', '.join(PROFILES)}")
     prof = PROFILES[profile] if isinstance(profile, str) else profile
     methods_ = prof.methods if methods_ is None else methods_
+    if quantize and "full" in methods_:
+        log(f"--quantize {quantize}: full fine-tuning cannot train quantized weights; left out")
+        methods_ = tuple(m for m in methods_ if m != "full")
     out = Path(out)
-    base_model, _ = load_base(base)
+    base_model, _ = load_base(base, quantize=quantize)
     search = [s for s in plan(prof, base_model, methods_) if s.setting == "mds" and s.seed in prof.search_seeds]
     if dry_run:
         for s in plan(prof, base_model, methods_):
@@ -486,13 +495,19 @@ def run_benchmark(profile: str | Profile = "quick", base: str = "assets/base", o
         raise ValueError(f"{out}: holds records measured with {r.get('steps')} steps and {r.get('limit')} test items "
                          f"per task (profile {r.get('profile')!r}, e.g. {r['method']} {r['setting']}); profile "
                          f"{prof.name!r} uses {prof.steps} and {prof.limit}: choose another --out")
+    other_base = [r for r in existing if (r.get("quantize") or "") != quantize]
+    if other_base:
+        r = other_base[0]
+        raise ValueError(f"{out}: holds records measured on the base {_base_kind(r.get('quantize') or '')} (e.g. "
+                         f"{r['method']} {r['setting']}); this run is on the base {_base_kind(quantize)}: choose "
+                         "another --out")
     stale_records(existing, plan(prof, base_model, methods_, choose_lr(existing, prof.search_seeds)), out)
     done = {(r["method"], r["setting"], r["seed"], r["lr"]) for r in existing}
-    base_path = out / "base_general.json"
+    base_path = out / (f"base_general-{quantize}.json" if quantize else "base_general.json")
     if base_path.is_file():
         base_gen = json.loads(base_path.read_text())
     else:
-        base_gen = base_general(base, prof.limit)
+        base_gen = base_general(base, prof.limit, quantize)
         _write_json(base_path, base_gen)
     work = Path(tempfile.mkdtemp(prefix="slim-forgetting-"))
     try:
@@ -501,7 +516,7 @@ def run_benchmark(profile: str | Profile = "quick", base: str = "assets/base", o
                 if (s.method, s.setting, s.seed, s.lr) in done:
                     continue
                 log(f"[{time.strftime('%H:%M:%S')}] {s.key}")
-                rec = run_one(s, prof, base, base_gen, work)
+                rec = run_one(s, prof, base, base_gen, work, quantize)
                 _write_json(out / "records" / f"{s.key}.json", rec)
                 done.add((s.method, s.setting, s.seed, s.lr))
                 log(f"    downstream {rec['downstream_avg']:.3f}  retention {rec['retention']:.3f}  "
